@@ -1,0 +1,384 @@
+"""f_L: the language model of mPLUG-Owl, LLaMA (Touvron et al. 2023), written out by hand.
+
+Pre-RMSNorm decoder blocks with rotary position embeddings (RoPE) and a SwiGLU MLP; attention through
+scaled_dot_product_attention with a pre-allocated KV cache for generation. It reads token ids or ready-made input
+embeddings: mPLUG-Owl splices the 65 visual tokens of each image into the embeddings of the prompt.
+Stage 1 keeps f_L frozen; stage 2 trains LoRA adapters on its q_proj and v_proj.
+
+Module names equal HF's LlamaForCausalLM keys, so an HF checkpoint loads one to one (RoPE in the "rotate half"
+layout). Meta's original `consolidated.*.pth` layout is converted on load (the q/k row permutation).
+"""
+import json
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: Optional[int] = None  # None: as many as num_heads (LLaMA-1); fewer is grouped-query attention
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 2048
+    rope_theta: float = 10000.0
+
+    def __post_init__(self):
+        self.num_kv_heads = self.num_kv_heads or self.num_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @classmethod
+    def preset(cls, name: str) -> "LlamaConfig":
+        presets = {
+            "llama-7b": cls(),
+            "tiny": cls(vocab_size=512, hidden_size=192, intermediate_size=512, num_layers=4, num_heads=6,
+                        max_position_embeddings=512),
+        }
+        if name not in presets:
+            raise ValueError(f"unknown LLaMA preset {name!r}; choose from {sorted(presets)}")
+        return presets[name]
+
+    @classmethod
+    def from_hf(cls, d: dict) -> "LlamaConfig":
+        """From an HF LlamaConfig dict; HF's LLaMA defaults where fields are missing."""
+        if d.get("rope_scaling"):
+            raise ValueError("rope_scaling is not supported: f_L implements plain RoPE as in LLaMA")
+        names = {"num_hidden_layers": "num_layers", "num_attention_heads": "num_heads",
+                 "num_key_value_heads": "num_kv_heads"}
+        ours = {f.name for f in fields(cls)}
+        return cls(**{names.get(k, k): v for k, v in d.items() if names.get(k, k) in ours and v is not None})
+
+    def to_hf(self) -> dict:
+        return {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": self.vocab_size,
+                "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
+                "num_hidden_layers": self.num_layers, "num_attention_heads": self.num_heads,
+                "num_key_value_heads": self.num_kv_heads, "rms_norm_eps": self.rms_norm_eps,
+                "max_position_embeddings": self.max_position_embeddings, "rope_theta": self.rope_theta,
+                "hidden_act": "silu", "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
+                "pad_token_id": 0}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()  # the mean square in float32, as LLaMA was trained
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_tables(cfg: LlamaConfig, length: int, device) -> tuple:
+    """cos, sin of shape (length, head_dim): dimension i pairs with i + head_dim/2 (the HF "rotate half" layout)."""
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, device=device, dtype=torch.float32) / cfg.head_dim)
+    angles = torch.outer(torch.arange(length, device=device, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, heads, T, head_dim); cos/sin (B or 1, 1, T, head_dim)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.cfg = cfg
+        D, hd = cfg.hidden_size, cfg.head_dim
+        self.q_proj = nn.Linear(D, cfg.num_heads * hd, bias=False)
+        self.k_proj = nn.Linear(D, cfg.num_kv_heads * hd, bias=False)
+        self.v_proj = nn.Linear(D, cfg.num_kv_heads * hd, bias=False)
+        self.o_proj = nn.Linear(cfg.num_heads * hd, D, bias=False)
+        self.cache_k = self.cache_v = None  # (B, kv_heads, max_len, head_dim) once setup_cache is called
+
+    def forward(self, x, cos, sin, start_pos: int, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        B, T, _ = x.shape
+        hd = self.cfg.head_dim
+        q = self.q_proj(x).view(B, T, self.cfg.num_heads, hd).transpose(1, 2)  # (B, heads, T, hd)
+        k = self.k_proj(x).view(B, T, self.cfg.num_kv_heads, hd).transpose(1, 2)  # (B, kv_heads, T, hd)
+        v = self.v_proj(x).view(B, T, self.cfg.num_kv_heads, hd).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.cache_k is not None:  # write this step into the pre-allocated cache, attend to all of it so far
+            self.cache_k[:B, :, start_pos: start_pos + T] = k
+            self.cache_v[:B, :, start_pos: start_pos + T] = v
+            k, v = self.cache_k[:B, :, : start_pos + T], self.cache_v[:B, :, : start_pos + T]
+        gqa = self.cfg.num_kv_heads != self.cfg.num_heads
+        if mask is None:  # a causal prefill from position 0, or one new token that may see everything before it
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, start_pos, mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, start_pos, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Llama(nn.Module):
+    """f_L. Token ids (B, T) or input embeddings (B, T, hidden) -> next-token logits (B, T, vocab)."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model = Decoder(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.grad_checkpointing = False
+        self._rope = None  # (cos, sin) for max_position_embeddings positions, made on first use on each device
+
+    def rope(self, device) -> tuple:
+        if self._rope is None or self._rope[0].device != torch.device(device):
+            self._rope = rope_tables(self.cfg, self.cfg.max_position_embeddings, device)
+        return self._rope
+
+    def forward(self, input_ids=None, inputs_embeds=None, start_pos: int = 0, positions=None, mask=None):
+        """start_pos: where these tokens sit in the KV cache (0 without a cache). positions (B, T): explicit RoPE
+        positions, for left-padded batches; mask: a boolean attention mask (B, 1, T, start_pos + T), True = attend."""
+        x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        T = x.shape[1]
+        if start_pos + T > self.cfg.max_position_embeddings:
+            raise ValueError(f"sequence of {start_pos + T} tokens exceeds the context of {self.cfg.max_position_embeddings}")
+        cos, sin = self.rope(x.device)
+        if positions is None:
+            cos, sin = cos[start_pos: start_pos + T][None, None], sin[start_pos: start_pos + T][None, None]
+        else:
+            cos, sin = cos[positions][:, None], sin[positions][:, None]  # (B, 1, T, head_dim)
+        if mask is None and T > 1 and start_pos > 0:  # a chunk appended to a cache: causal within, sees all before
+            mask = torch.ones(T, start_pos + T, dtype=torch.bool, device=x.device).tril(start_pos)
+        for layer in self.model.layers:
+            if self.grad_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, start_pos, mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, start_pos, mask)
+        return self.lm_head(self.model.norm(x)).float()
+
+    def setup_cache(self, batch_size: int, max_len: int = 0) -> None:
+        """Pre-allocate every layer's KV cache once, so decoding writes in place instead of concatenating."""
+        max_len = max_len or self.cfg.max_position_embeddings
+        p = self.lm_head.weight
+        shape = (batch_size, self.cfg.num_kv_heads, max_len, self.cfg.head_dim)
+        for layer in self.model.layers:
+            layer.self_attn.cache_k = torch.zeros(shape, dtype=p.dtype, device=p.device)
+            layer.self_attn.cache_v = torch.zeros(shape, dtype=p.dtype, device=p.device)
+
+    def clear_cache(self) -> None:
+        for layer in self.model.layers:
+            layer.self_attn.cache_k = layer.self_attn.cache_v = None
+
+    @torch.inference_mode()
+    def generate(self, input_ids=None, inputs_embeds=None, max_new_tokens: int = 32, eos_id: int = 2,
+                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, generator=None) -> Iterator[int]:
+        """Yield new token ids one by one for a single sequence (batch 1), stopping after EOS or max_new_tokens."""
+        x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        T = x.shape[1]
+        self.setup_cache(1, min(self.cfg.max_position_embeddings, T + max_new_tokens))
+        try:
+            logits = self(inputs_embeds=x, start_pos=0)[:, -1]
+            for i in range(max_new_tokens):
+                token = sample(logits, temperature, top_k, top_p, generator)
+                yield token
+                if token == eos_id or T + i + 1 >= self.cfg.max_position_embeddings or i + 1 == max_new_tokens:
+                    return
+                logits = self(torch.tensor([[token]], device=x.device), start_pos=T + i)[:, -1]
+        finally:
+            self.clear_cache()
+
+    def init_weights(self, std: float = 0.02) -> None:
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=std)
+            elif isinstance(m, RMSNorm):
+                nn.init.ones_(m.weight)
+
+    @classmethod
+    def from_hf(cls, folder, dtype=torch.float32, device="cpu") -> "Llama":
+        """An HF LLaMA folder: config.json and model.safetensors / pytorch_model.bin, single or sharded."""
+        folder = Path(folder)
+        cfg = LlamaConfig.from_hf(json.loads((folder / "config.json").read_text()))
+        model = build_empty(cls, cfg)
+        ignore = lambda k: k.endswith("rotary_emb.inv_freq")  # a buffer old checkpoints carry; RoPE is recomputed
+        load_into(model, ((k, t) for k, t in iter_tensors(folder) if not ignore(k)), dtype, device)
+        return model
+
+    @classmethod
+    def from_meta(cls, folder, dtype=torch.float32, device="cpu") -> "Llama":
+        """Meta's original layout: params.json + consolidated.*.pth (model-parallel shards are concatenated)."""
+        folder = Path(folder)
+        params = json.loads((folder / "params.json").read_text())
+        shards = [torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+                  for p in sorted(folder.glob("consolidated.*.pth"))]
+        if not shards:
+            raise FileNotFoundError(f"no consolidated.*.pth in {folder}")
+        cat_dim = lambda k: 1 if k.endswith(("wo.weight", "w2.weight")) or k == "tok_embeddings.weight" else 0
+        sd = {k: (shards[0][k] if shards[0][k].dim() == 1 or len(shards) == 1
+                  else torch.cat([s[k] for s in shards], dim=cat_dim(k))) for k in shards[0] if "rope.freqs" not in k}
+        vocab, dim = sd["tok_embeddings.weight"].shape
+        cfg = LlamaConfig(vocab_size=vocab, hidden_size=dim, intermediate_size=sd["layers.0.feed_forward.w1.weight"].shape[0],
+                          num_layers=params["n_layers"], num_heads=params["n_heads"], num_kv_heads=params.get("n_kv_heads"),
+                          rms_norm_eps=params.get("norm_eps", 1e-6), rope_theta=params.get("rope_theta", 10000.0),
+                          max_position_embeddings=params.get("max_seq_len", 2048))
+        model = build_empty(cls, cfg)
+        load_into(model, meta_to_hf(sd, cfg).items(), dtype, device)
+        return model
+
+
+def sample(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0, generator=None) -> int:
+    """One token from (1, vocab) logits: greedy when temperature is 0, else temperature, top-k, then top-p."""
+    if temperature <= 0:
+        return int(logits.argmax(-1)[0])
+    logits = logits.float() / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[..., -1, None]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest set whose mass reaches top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    probs = logits.softmax(-1)
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator)[0])
+
+
+def meta_to_hf(sd: dict, cfg: LlamaConfig) -> dict:
+    """Meta's key names -> HF's. Meta's q/k rows pair dims (2i, 2i+1); HF's rotate-half pairs (i, i + hd/2)."""
+
+    def permute(w, n_heads):  # per head: rows [0,1,2,3,...] (pairs adjacent) -> [0,2,4,...,1,3,5,...]
+        return w.view(n_heads, cfg.head_dim // 2, 2, w.shape[1]).transpose(1, 2).reshape(w.shape)
+
+    out = {"model.embed_tokens.weight": sd.pop("tok_embeddings.weight"), "model.norm.weight": sd.pop("norm.weight"),
+           "lm_head.weight": sd.pop("output.weight")}
+    for n in range(cfg.num_layers):
+        src, dst = f"layers.{n}.", f"model.layers.{n}."
+        out[dst + "self_attn.q_proj.weight"] = permute(sd.pop(src + "attention.wq.weight"), cfg.num_heads)
+        out[dst + "self_attn.k_proj.weight"] = permute(sd.pop(src + "attention.wk.weight"), cfg.num_kv_heads)
+        out[dst + "self_attn.v_proj.weight"] = sd.pop(src + "attention.wv.weight")
+        out[dst + "self_attn.o_proj.weight"] = sd.pop(src + "attention.wo.weight")
+        out[dst + "mlp.gate_proj.weight"] = sd.pop(src + "feed_forward.w1.weight")
+        out[dst + "mlp.up_proj.weight"] = sd.pop(src + "feed_forward.w3.weight")
+        out[dst + "mlp.down_proj.weight"] = sd.pop(src + "feed_forward.w2.weight")
+        out[dst + "input_layernorm.weight"] = sd.pop(src + "attention_norm.weight")
+        out[dst + "post_attention_layernorm.weight"] = sd.pop(src + "ffn_norm.weight")
+    if sd:
+        raise KeyError(f"Meta checkpoint key {sorted(sd)[0]} has no place in f_L")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading without materialising random weights: build on the meta device, then put each checkpoint tensor in place,
+# one at a time in the target dtype, so a 7B model in bf16 needs little more memory than its weights.
+
+def build_empty(cls, *args) -> nn.Module:
+    with torch.device("meta"):
+        return cls(*args)
+
+
+def iter_tensors(folder) -> Iterator[tuple]:
+    """(key, tensor) for every tensor of an HF-style folder, shard by shard; .bin files are read weights-only."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (folder / index_name).exists():
+            files = sorted(set(json.loads((folder / index_name).read_text())["weight_map"].values()))
+            break
+    else:
+        files = [n for n in ("model.safetensors", "pytorch_model.bin") if (folder / n).exists()][:1]
+    if not files:
+        raise FileNotFoundError(f"no model.safetensors, pytorch_model.bin or shard index in {folder}")
+    for name in files:
+        path = folder / name
+        if not path.exists():
+            raise FileNotFoundError(f"shard {name} named in the index is missing from {folder}")
+        if name.endswith(".safetensors"):
+            with safe_open(path, framework="pt") as f:
+                for key in f.keys():
+                    yield key, f.get_tensor(key)
+        else:
+            # mmap keeps the pickle's tensors on disk until each is copied into place
+            yield from torch.load(path, map_location="cpu", weights_only=True, mmap=True).items()
+
+
+def load_into(model: nn.Module, items, dtype, device="cpu", key_map: Optional[dict] = None) -> None:
+    """Strictly fill a (meta-device) model: every checkpoint key must map to a parameter of the same shape, and every
+    parameter must be filled. key_map: checkpoint key -> our key (identity where absent)."""
+    params = dict(model.named_parameters())
+    filled = set()
+    for key, tensor in items:
+        name = key_map.get(key) if key_map is not None else key
+        if name is None or name not in params:
+            raise KeyError(f"unexpected key {key} in checkpoint: it has no place in the model")
+        if tuple(tensor.shape) != tuple(params[name].shape):
+            raise ValueError(f"key {key} has shape {tuple(tensor.shape)}, the model expects {tuple(params[name].shape)}")
+        module_name, _, leaf = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        t = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+        setattr(module, leaf, nn.Parameter(t, requires_grad=params[name].requires_grad))
+        filled.add(name)
+    missing = sorted(set(params) - filled)
+    if missing:
+        raise KeyError(f"missing key {missing[0]} in checkpoint ({len(missing)} missing)")
+
+
+class Tokenizer:
+    """LLaMA's SentencePiece tokenizer: unk 0, bos 1, eos 2; pad is unk, as in the released model."""
+
+    def __init__(self, path):
+        import sentencepiece as spm
+
+        self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        self.bos_id, self.eos_id, self.unk_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.unk_id()
+        self.pad_id = self.unk_id
+        self.vocab_size = self.sp.get_piece_size()
+
+    def encode(self, text: str) -> list:
+        """Ids of text without BOS/EOS. SentencePiece adds its dummy-prefix space to each call, as HF's slow
+        LlamaTokenizer does for every chunk it is given."""
+        return self.sp.encode(text)
+
+    def decode(self, ids) -> str:
+        """Text of ids, special tokens (unk, bos, eos) skipped, as decode(..., skip_special_tokens=True)."""
+        special = {self.bos_id, self.eos_id, self.unk_id}
+        return self.sp.decode([i for i in ids if i not in special])
