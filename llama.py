@@ -381,4 +381,5 @@ class Tokenizer:
     def decode(self, ids) -> str:
         """Text of ids, special tokens (unk, bos, eos) skipped, as decode(..., skip_special_tokens=True)."""
         special = {self.bos_id, self.eos_id, self.unk_id}
-        return self.sp.decode([i for i in ids if i not in special])
+        # ids past the tokenizer's pieces (an embedding table padded beyond the vocabulary) have no text either
+        return self.sp.decode([i for i in ids if i not in special and 0 <= i < self.vocab_size])
