@@ -1,0 +1,468 @@
+"""Owl's data: a synthetic shapes world for the CPU demo, readers of the stage-2 formats, held-out scoring.
+
+The demo trains a tiny Owl on CPU, so its data must be learnable in minutes yet exercise what the real recipe does
+(SPEC §3): stage 1 pairs images with captions (f_V and f_K learn to see, f_L frozen); stage 2 mixes multimodal
+instructions, in the official mPLUG-Owl JSONL and in LLaVA's JSON, with text-only ones in Alpaca's JSON (LoRA on
+f_L). Every fact of a scene (colour, shape, count, position) is one word, so a held-out answer can be scored by
+the words it contains.
+
+    python data.py synth --out data/shapes
+"""
+import argparse
+import io
+import json
+import math
+import os
+import random
+import re
+import time
+import warnings
+from dataclasses import dataclass
+
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+SYSTEM = ("The following is a conversation between a curious human and AI assistant. "
+          "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+IMAGE = "<image>"
+
+# Canonical fills, far apart in RGB and far from the light backgrounds, so the jittered fills stay unambiguous:
+# the model has to learn colour names, not exact RGB values.
+COLORS = {"red": (205, 45, 45), "green": (45, 160, 65), "blue": (45, 85, 215), "yellow": (235, 205, 45)}
+SHAPES = ("circle", "square", "triangle")
+POSITIONS = {"left": (0.2, 0.5), "right": (0.8, 0.5), "top": (0.5, 0.2), "bottom": (0.5, 0.8)}  # centre / (w, h)
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+
+# ---------------------------------------------------------------------------------------------------------------
+# Scenes: facts first (a dict that is saved to scenes.jsonl), pixels drawn from the facts.
+
+
+def random_scene(rng, n_shapes=None):
+    """Canvas of any size/aspect (images from other code can have any), light background, 1-4 shapes at
+    distinct positions, (colour, shape) pairs unique so "Where is the red circle?" has one answer."""
+    w, h = rng.randint(48, 192), rng.randint(48, 192)
+    n = n_shapes or rng.randint(1, 4)
+    positions = rng.sample(list(POSITIONS), n)
+    pairs = rng.sample([(c, s) for c in COLORS for s in SHAPES], n)
+    base = rng.randint(228, 245)
+    background = rng.choice([(255, 255, 255), (rng.randint(215, 245),) * 3,  # white, light grey,
+                             (rng.randint(240, 252), rng.randint(230, 245), rng.randint(200, 225)),  # beige, cream,
+                             tuple(min(255, base + rng.randint(-12, 10)) for _ in range(3))])  # pale tint
+    # Shapes must not overlap (a shape's centre pixel has its own colour). Big sizes and jitter sometimes collide,
+    # so retry with both shrinking; the last try (12% of the shorter side, no jitter) is always disjoint.
+    for attempt in range(20):
+        shrink = 1 - attempt / 19
+        shapes = []
+        for (color, shape), position in zip(pairs, positions):
+            size = max(8, round(min(w, h) * rng.uniform(0.12, 0.12 + 0.18 * shrink)))
+            half = math.ceil(size / 2)
+            fx, fy = POSITIONS[position]
+            cx = round(w * (fx + shrink * rng.uniform(-0.05, 0.05)))
+            cy = round(h * (fy + shrink * rng.uniform(-0.05, 0.05)))
+            shapes.append({
+                "color": color, "shape": shape, "position": position,
+                "center": [min(max(cx, half + 1), w - half - 2), min(max(cy, half + 1), h - half - 2)],
+                "size": size,
+                "fill": [min(255, max(0, v + rng.randint(-20, 20))) for v in COLORS[color]],
+                "angle": round(rng.uniform(-15, 15), 1) if shape == "triangle" else 0.0})
+        if all(_apart(a, b) for i, a in enumerate(shapes) for b in shapes[i + 1:]):
+            break
+    return {"width": w, "height": h, "background": list(background), "shapes": shapes}
+
+
+def _apart(a, b):
+    """Bounding boxes (a triangle's vertices lie on its circumcircle, so its box too) at least 1 px apart."""
+    (ax, ay), (bx, by) = a["center"], b["center"]
+    reach = math.ceil(a["size"] / 2) + math.ceil(b["size"] / 2) + 1
+    return abs(ax - bx) > reach or abs(ay - by) > reach
+
+
+def draw_scene(scene):
+    img = Image.new("RGB", (scene["width"], scene["height"]), tuple(scene["background"]))
+    draw = ImageDraw.Draw(img)
+    for s in scene["shapes"]:
+        (cx, cy), r, fill = s["center"], s["size"] / 2, tuple(s["fill"])
+        if s["shape"] == "circle":
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+        elif s["shape"] == "square":
+            draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
+        else:  # upright equilateral triangle around its centroid, slightly rotated
+            angles = [math.radians(s["angle"] + a) for a in (-90, 30, 150)]
+            draw.polygon([(cx + r * math.cos(a), cy + r * math.sin(a)) for a in angles], fill=fill)
+    return img
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Text about scenes. Several paraphrases each, so the model learns the question, not one string.
+
+CAPTIONS = ("{n} {shapes}: {items}.", "There {are} {n} {shapes}: {items}.",
+            "The image shows {n} {shapes}: {items}.", "A picture of {n} {shapes}: {items}.")
+QUESTIONS = {
+    "color": ("What color is the shape?", "What is the color of the shape?", "Which color does the shape have?",
+              "Tell me the color of the shape."),
+    "shape": ("What shape is it?", "What shape is in the image?", "Which shape do you see?",
+              "Name the shape in the image."),
+    "count": ("How many shapes are there?", "How many shapes are in the image?", "Count the shapes in the image.",
+              "What is the number of shapes?"),
+    "position": ("Where is the {color} {shape}?", "Where is the {color} {shape} in the image?",
+                 "In which part of the image is the {color} {shape}?", "What is the position of the {color} {shape}?"),
+    "describe": ("Describe the image.", "What do you see in the image?", "Give a short description of the image.",
+                 "What is in this picture?"),
+}
+ANSWERS = {
+    "color": ("The shape is {color}.", "It is {color}.", "The color is {color}."),
+    "shape": ("It is a {shape}.", "The shape is a {shape}.", "I see a {shape}."),
+    "count": ("There {are} {n} {shapes}.", "I count {n} {shapes}.", "The image has {n} {shapes}."),
+    "position": ("The {color} {shape} is at the {position}.", "It is at the {position}."),
+}
+
+
+def _counted(n):
+    return {"n": n, "are": "is" if n == 1 else "are", "shapes": "shape" if n == 1 else "shapes"}
+
+
+def caption(scene, rng):
+    items = [f"a {s['color']} {s['shape']} at the {s['position']}" for s in scene["shapes"]]
+    items = items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+    return rng.choice(CAPTIONS).format(items=items, **_counted(len(scene["shapes"])))
+
+
+def ask(kind, scene, rng):
+    """(question, answer, target facts) of one kind about one scene; colour and shape need a 1-shape scene."""
+    shapes = scene["shapes"]
+    if kind in ("color", "shape"):
+        assert len(shapes) == 1, "colour and shape questions are only asked about single-shape images"
+    s = rng.choice(shapes)
+    facts = {"color": s["color"], "shape": s["shape"], "position": s["position"], **_counted(len(shapes))}
+    question = rng.choice(QUESTIONS[kind]).format(**facts)
+    if kind == "describe":
+        target = {"count": len(shapes), "shapes": [{k: t[k] for k in ("color", "shape", "position")} for t in shapes]}
+        return question, caption(scene, rng), target
+    target = {"color": {"color": s["color"]}, "shape": {"shape": s["shape"]}, "count": {"count": len(shapes)},
+              "position": {k: s[k] for k in ("color", "shape", "position")}}[kind]
+    return question, rng.choice(ANSWERS[kind]).format(**facts), target
+
+
+def compare(a, b, rng):
+    """A question about two images; the answer names "the first image", "the second image", both or neither."""
+    if rng.random() < 0.5:
+        na, nb = len(a["shapes"]), len(b["shapes"])
+        q = rng.choice(("Which image has more shapes?", "Which of the two images shows more shapes?"))
+        if na == nb:
+            return q, "Both images have the same number of shapes."
+        return q, f"The {'first' if na > nb else 'second'} image has more shapes."
+    c = rng.choice(list(COLORS))
+    ina, inb = (any(s["color"] == c for s in x["shapes"]) for x in (a, b))
+    q = rng.choice((f"Do both images contain a {c} shape?", f"Is there a {c} shape in both images?"))
+    if ina and inb:
+        return q, "Yes, both images do."
+    if ina or inb:
+        return q, f"No, only the {'first' if ina else 'second'} image does."
+    return q, "No, neither image does."
+
+
+def text_task(rng):
+    """A text-only instruction (Alpaca format) in the same small vocabulary."""
+    a, b = rng.randint(0, 9), rng.randint(0, 9)
+    color, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)
+    tasks = [
+        (f"What is {a} plus {b}?", "", f"{a} plus {b} is {a + b}."),
+        (f"What is {max(a, b)} minus {min(a, b)}?", "", f"{max(a, b)} minus {min(a, b)} is {max(a, b) - min(a, b)}."),
+        ("Which number is bigger?", f"{a} and {b}",
+         f"{max(a, b)} is bigger than {min(a, b)}." if a != b else "The numbers are the same."),
+        (f"What number comes after {a}?", "", f"{a + 1} comes after {a}."),
+        ("Name a color.", "", f"{color.capitalize()} is a color."),
+        ("Name a shape.", "", f"A {shape} is a shape."),
+        (f"Is {color} a color?", "", f"Yes, {color} is a color."),
+        (f"Is {color} a shape?", "", f"No, {color} is a color."),
+        (f"Is a {shape} a shape?", "", f"Yes, a {shape} is a shape."),
+        (f"Is a {shape} a color?", "", f"No, a {shape} is a shape."),
+        ("Which word is a color?", " or ".join(rng.sample([color, shape], 2)), f"{color.capitalize()} is a color."),
+        ("How many sides does a triangle have?", "", "A triangle has 3 sides."),
+        ("How many sides does a square have?", "", "A square has 4 sides."),
+        ("Name the colors you know.", "", "I know red, green, blue and yellow."),
+    ]
+    instruction, inp, output = rng.choice(tasks)
+    return {"instruction": instruction, "input": inp, "output": output}
+
+
+def render_owl_text(turns):
+    """The official stage-2 "text": the canonical template of SPEC §2 with answers. Questions carry their images
+    as leading "<image>\\n" tags (see Conversation); each becomes its own "Human: <image>" line."""
+    text = SYSTEM
+    for question, answer in turns:
+        n = question.count(IMAGE)
+        text += "\nHuman: <image>" * n + f"\nHuman: {question.replace(IMAGE, '').strip()}\nAI: {answer}"
+    return text
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Synthesis: every part has its own random stream, so changing one --n-* leaves the other files as they were.
+
+
+def synth(out, seed=0, n_train=12000, n_owl=8000, n_llava=4000, n_alpaca=600, n_heldout=1000, vocab_size=512):
+    """Write into `out`: images/ (s_* for training, h_* held out), scenes.jsonl (the facts of every image),
+    stage1.jsonl, stage2_owl.jsonl, stage2_llava.json, stage2_alpaca.json, corpus.txt, heldout.jsonl (questions
+    without <image> tags, their images listed apart) and tokenizer.model. Paths are relative to `out`."""
+    os.makedirs(os.path.join(out, "images"), exist_ok=True)
+    rng = random.Random(f"train/{seed}")
+    scenes, records, stage1, corpus = [], [], [], SYSTEM.replace(". ", ".\n").splitlines()
+    for i in tqdm(range(n_train), desc="stage-1 images"):
+        scenes.append(random_scene(rng))
+        name = f"images/s_{i:05d}.png"
+        draw_scene(scenes[-1]).save(os.path.join(out, name))
+        records.append({"image": name, **scenes[-1]})
+        stage1.append({"image": name, "caption": caption(scenes[-1], rng)})
+    corpus += [r["caption"] for r in stage1]
+
+    rng = random.Random(f"stage2/{seed}")
+    owl, llava = [], []
+    for i in tqdm(range(n_owl + n_llava), desc="stage-2 conversations"):
+        if i < n_owl and rng.random() < 0.15:  # two-image comparisons only in the official format (LLaVA has one)
+            a, b = rng.sample(range(n_train), 2)
+            q, answer = compare(scenes[a], scenes[b], rng)
+            images, turns = [stage1[a]["image"], stage1[b]["image"]], [(IMAGE + "\n" + IMAGE + "\n" + q, answer)]
+        else:
+            k = rng.randrange(n_train)
+            kinds = ["count", "position", "describe"] + (["color", "shape"] if len(scenes[k]["shapes"]) == 1 else [])
+            kinds = rng.sample(kinds, rng.choice((1, 1, 2, 3)))
+            turns = [ask(kind, scenes[k], rng)[:2] for kind in kinds]
+            images, turns = [stage1[k]["image"]], [(IMAGE + "\n" + turns[0][0], turns[0][1])] + turns[1:]
+        corpus += [s.replace(IMAGE, "").strip() for turn in turns for s in turn]
+        if i < n_owl:
+            owl.append({"image": images, "text": render_owl_text(turns), "task_type": "llava_sft"})
+        else:
+            llava.append({"image": images[0], "conversations": [
+                {"from": who, "value": v} for q, a in turns for who, v in (("human", q), ("gpt", a))]})
+
+    rng = random.Random(f"alpaca/{seed}")
+    alpaca = [text_task(rng) for _ in range(n_alpaca)]
+    corpus += [t[k] for t in alpaca for k in ("instruction", "output")]
+
+    # Held-out: another seed and its own files, so no image is shared with training; kinds balanced.
+    rng, heldout = random.Random(f"heldout/{seed}"), []
+    for i in tqdm(range(n_heldout), desc="held-out images"):
+        kind = ("color", "shape", "count", "position", "describe")[i % 5]
+        scene = random_scene(rng, 1 if kind in ("color", "shape") else None)
+        name = f"images/h_{i:05d}.png"
+        draw_scene(scene).save(os.path.join(out, name))
+        records.append({"image": name, **scene})
+        q, answer, target = ask(kind, scene, rng)
+        heldout.append({"image": [name], "question": q, "kind": kind, "answer": answer, "target": target})
+
+    for name, rows in (("scenes.jsonl", records), ("stage1.jsonl", stage1), ("stage2_owl.jsonl", owl),
+                       ("heldout.jsonl", heldout), ("stage2_llava.json", llava), ("stage2_alpaca.json", alpaca),
+                       ("corpus.txt", corpus)):
+        with open(os.path.join(out, name), "w") as f:
+            if name.endswith(".json"):
+                json.dump(rows, f, indent=1)
+            else:
+                f.writelines((r if name.endswith(".txt") else json.dumps(r)) + "\n" for r in rows)
+    texts = corpus + [r["text"] for r in owl] + [r["answer"] for r in heldout]
+    train_tokenizer(texts, os.path.join(out, "tokenizer.model"), vocab_size)
+
+
+def train_tokenizer(texts, path, vocab_size=512):
+    """A LLaMA-layout SentencePiece BPE model (unk 0, bos 1, eos 2, no pad) on all the text of the data. Identity
+    normalisation and all characters kept, so every answer (newlines of the template too) round-trips exactly;
+    one thread and no shuffling, so the model file is the same for the same text."""
+    import sentencepiece as spm
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sorted(set(texts))), model_writer=model, model_type="bpe", vocab_size=vocab_size,
+        character_coverage=1.0, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        split_digits=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=False, num_threads=1,
+        shuffle_input_sentence=False, minloglevel=2)
+    with open(path, "wb") as f:
+        f.write(model.getvalue())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stage-2 formats -> one in-memory form. Training sees only Conversation, whatever file it came from.
+
+
+@dataclass
+class Conversation:
+    """A stage-2 sample: absolute image paths and (question, answer) turns. A question starts with one "<image>\\n"
+    per image shown at that turn, in order, as the canonical template shows images on their own "Human:" lines
+    before the question; the three formats land in this same form."""
+    images: list[str]
+    turns: list[tuple[str, str]]
+
+
+def parse_owl_text(text):
+    """Inverse of render_owl_text: drop the system text, turn "Human: <image>" lines into tags on the next
+    question; an answer is the text after "AI: " up to the next "\\nHuman: "."""
+    segments = ("\n" + text if text.startswith("Human: ") else text).split("\nHuman: ")[1:]
+    if not segments:
+        raise ValueError('no "Human: " turn')
+    turns, tags = [], ""
+    for segment in segments:
+        if segment.strip() == IMAGE:
+            tags += IMAGE + "\n"
+            continue
+        question, sep, answer = segment.partition("\nAI: ")
+        if not sep:
+            raise ValueError('a "Human: " turn without "AI: "')
+        turns.append((tags + question, answer))
+        tags = ""
+    if tags:
+        raise ValueError("an image after the last question")
+    return turns
+
+
+def _conversation(images, turns, base):
+    """Validate and normalise: image tags moved to the front of their question, one per image overall, and no
+    empty answer (a sample without answer tokens has no loss, SPEC §3)."""
+    images = [images] if isinstance(images, str) else list(images or [])
+    turns = [((IMAGE + "\n") * q.count(IMAGE) + q.replace(IMAGE, "").strip(), a.strip()) for q, a in turns]
+    if not turns or not all(a for _, a in turns):
+        raise ValueError("no turns, or an empty answer")
+    if sum(q.count(IMAGE) for q, _ in turns) != len(images):
+        raise ValueError(f"{sum(q.count(IMAGE) for q, _ in turns)} <image> tags for {len(images)} images")
+    return Conversation([os.path.join(base, p) for p in images], turns)
+
+
+def _owl(line, base):
+    d = json.loads(line)
+    return _conversation(d.get("image"), parse_owl_text(d["text"]), base)
+
+
+def _llava(d, base):
+    messages = d["conversations"]
+    roles = [m["from"] for m in messages]
+    if not messages or roles != ["human", "gpt"] * (len(messages) // 2):
+        raise ValueError("turns must alternate human, gpt")
+    return _conversation(d.get("image"), [(q["value"], a["value"]) for q, a in zip(messages[::2], messages[1::2])],
+                         base)
+
+
+def _alpaca(d, base):
+    question = d["instruction"] + ("\n" + d["input"] if d.get("input") else "")
+    return _conversation([], [(question, d["output"])], base)
+
+
+def _caption(line, base):
+    d = json.loads(line)
+    if not (isinstance(d["image"], str) and isinstance(d["caption"], str) and d["caption"].strip()):
+        raise ValueError("needs an image path and a caption")
+    return os.path.join(base, d["image"]), d["caption"]
+
+
+def _load(path, parse, jsonl):
+    """Parse every entry of a file; a malformed one is skipped and counted, with one warning per file."""
+    base = os.path.dirname(os.path.abspath(path))
+    with open(path) as f:
+        if jsonl:
+            entries = [(f"line {i}", line) for i, line in enumerate(f, 1) if line.strip()]
+        else:
+            entries = json.load(f)
+            if not isinstance(entries, list):
+                raise ValueError(f"{path}: expected a JSON list of samples")
+            entries = [(f"entry {i}", e) for i, e in enumerate(entries)]
+    out, bad = [], []
+    for where, entry in entries:
+        try:
+            out.append(parse(entry, base))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            bad.append(f"{where}: {type(e).__name__}: {e}")
+    if bad:
+        warnings.warn(f"{path}: skipped {len(bad)} malformed of {len(entries)} entries (first: {bad[0]})")
+    return out
+
+
+def load_owl_jsonl(path):
+    return _load(path, _owl, jsonl=True)
+
+
+def load_llava_json(path):
+    return _load(path, _llava, jsonl=False)
+
+
+def load_alpaca_json(path):
+    return _load(path, _alpaca, jsonl=False)
+
+
+def load_captions_jsonl(path):
+    """Stage 1: a list of (absolute image path, caption)."""
+    return _load(path, _caption, jsonl=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Held-out scoring: the answer must say the expected word(s) of its kind and no other word of that kind.
+
+_NUMBERS = {str(i) for i in range(100)}
+
+
+def _words(answer):
+    """Lower-case words, plural shape words made singular, number words made digits."""
+    words = []
+    for w in re.findall(r"[a-z]+|\d+", answer.lower()):
+        w = w[:-1] if w.endswith("s") and w[:-1] in SHAPES else w
+        words.append(str(NUMBER_WORDS.index(w)) if w in NUMBER_WORDS else w)
+    return words
+
+
+def score_answer(kind, answer, target):
+    """kind in color|shape|count|position|describe; target as in heldout.jsonl. Describe needs every
+    "<colour> <shape>" pair and the count, and no colour, shape, number or position that is not in the scene."""
+    words = _words(answer)
+
+    def said(vocab):
+        return {w for w in words if w in vocab}
+    if kind == "color":
+        return said(COLORS) == {target["color"]}
+    if kind == "shape":
+        return said(SHAPES) == {target["shape"]}
+    if kind == "count":
+        return said(_NUMBERS) == {str(target["count"])}
+    if kind == "position":
+        return said(POSITIONS) == {target["position"]}
+    if kind == "describe":
+        shapes = target["shapes"]
+        pairs = set(zip(words, words[1:]))
+        return (all((s["color"], s["shape"]) in pairs for s in shapes)
+                and said(COLORS) == {s["color"] for s in shapes} and said(SHAPES) == {s["shape"] for s in shapes}
+                and said(_NUMBERS) == {str(target["count"])} and said(POSITIONS) <= {s["position"] for s in shapes})
+    raise ValueError(f"unknown question kind {kind!r}")
+
+
+def accuracy_table(results):
+    """(kind, correct) pairs -> {kind: (correct, total)}, plus "all"."""
+    table = {}
+    for kind, ok in results:
+        correct, total = table.get(kind, (0, 0))
+        table[kind] = (correct + bool(ok), total + 1)
+    table["all"] = (sum(c for c, _ in table.values()), sum(t for _, t in table.values()))
+    return table
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Owl data tools.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("synth", help="write the synthetic shapes data set",
+                            description="Draw shape scenes and write stage-1 captions, stage-2 instructions (official "
+                                        "mPLUG-Owl JSONL, LLaVA JSON, Alpaca JSON), corpus.txt, a held-out split and "
+                                        "tokenizer.model into one folder. The same seed gives the same files.")
+    p.add_argument("--out", required=True, help="folder to write into (created if missing)")
+    p.add_argument("--seed", type=int, default=0, help="random seed; the held-out split derives its own from it")
+    p.add_argument("--n-train", type=int, default=12000, help="stage-1 images with one caption each")
+    p.add_argument("--n-owl", type=int, default=8000,
+                   help="stage-2 conversations in official JSONL (on the stage-1 images; ~15%% compare two images)")
+    p.add_argument("--n-llava", type=int, default=4000, help="stage-2 single-image conversations in LLaVA JSON")
+    p.add_argument("--n-alpaca", type=int, default=600, help="text-only instructions in Alpaca JSON")
+    p.add_argument("--n-heldout", type=int, default=1000, help="held-out questions, each on a new image")
+    p.add_argument("--vocab-size", type=int, default=512, help="SentencePiece vocabulary size (an upper bound)")
+    args = parser.parse_args(argv)
+    if args.n_train < 2:
+        parser.error("--n-train must be at least 2 (comparisons need two images)")
+    start = time.time()
+    synth(args.out, args.seed, args.n_train, args.n_owl, args.n_llava, args.n_alpaca, args.n_heldout, args.vocab_size)
+    print(f"wrote {args.out} in {time.time() - start:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

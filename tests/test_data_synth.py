@@ -1,0 +1,244 @@
+"""The synthetic shapes data: deterministic, true to its facts, held-out apart, every format read the same way."""
+import hashlib
+import json
+import os
+import random
+import sys
+import warnings
+
+import pytest
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
+
+SMALL = ["--n-train", "40", "--n-owl", "40", "--n-llava", "20", "--n-alpaca", "30", "--n-heldout", "25"]
+
+
+def _synth(root, seed):
+    out = str(root / f"seed{seed}")
+    data.main(["synth", "--out", out, "--seed", str(seed), *SMALL])
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth")
+    a, again = _synth(root, 0), _synth(root / "again", 0)
+    more_train = str(root / "more_train")
+    data.synth(more_train, seed=0, n_train=45, n_owl=5, n_llava=5, n_alpaca=5, n_heldout=25)
+    return {"a": a, "again": again, "other": _synth(root, 1), "more_train": more_train}
+
+
+def _files(folder):
+    out = {}
+    for dirpath, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(dirpath, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+def _jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_same_seed_same_files_other_seed_other_files(runs):
+    a, again, other = (_files(runs[k]) for k in ("a", "again", "other"))
+    assert a == again
+    assert {"stage1.jsonl", "stage2_owl.jsonl", "stage2_llava.json", "stage2_alpaca.json", "corpus.txt",
+            "heldout.jsonl", "tokenizer.model", "scenes.jsonl"} <= set(a)
+    assert sum(name.startswith("images/") for name in a) == 40 + 25
+    for name in ("stage1.jsonl", "stage2_owl.jsonl", "heldout.jsonl", "images/s_00000.png", "images/h_00000.png"):
+        assert a[name] != other[name], name
+
+
+def test_help_explains_every_flag(capsys):
+    with pytest.raises(SystemExit) as e:
+        data.main(["synth", "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--out", "--seed", "--n-train", "--n-owl", "--n-llava", "--n-alpaca", "--n-heldout"):
+        assert flag in text
+
+
+def _nearest_color(rgb):
+    return min(data.COLORS, key=lambda c: sum((x - y) ** 2 for x, y in zip(rgb, data.COLORS[c])))
+
+
+def test_scenes_are_drawn_as_recorded(runs):
+    for rec in _jsonl(os.path.join(runs["a"], "scenes.jsonl")):
+        img = Image.open(os.path.join(runs["a"], rec["image"])).convert("RGB")
+        w, h = img.size
+        assert (w, h) == (rec["width"], rec["height"]) and 48 <= w <= 192 and 48 <= h <= 192
+        assert img.getpixel((0, 0)) == tuple(rec["background"]) and min(rec["background"]) >= 200  # light
+        shapes = rec["shapes"]
+        assert 1 <= len(shapes) <= 4
+        assert len({s["position"] for s in shapes}) == len(shapes)
+        assert len({(s["color"], s["shape"]) for s in shapes}) == len(shapes)
+        for s in shapes:
+            cx, cy = s["center"]
+            pixel = img.getpixel((cx, cy))
+            assert _nearest_color(pixel) == s["color"]
+            assert all(abs(p - q) <= 20 for p, q in zip(pixel, data.COLORS[s["color"]]))
+            fx, fy = cx / w, cy / h
+            assert {"left": fx < 0.3 and 0.4 < fy < 0.6, "right": fx > 0.7 and 0.4 < fy < 0.6,
+                    "top": fy < 0.3 and 0.4 < fx < 0.6, "bottom": fy > 0.7 and 0.4 < fx < 0.6}[s["position"]]
+            assert 8 <= s["size"] <= max(8, 0.3 * min(w, h) + 1) and abs(s["angle"]) <= 15
+
+
+def test_shapes_never_overlap_and_sizes_vary():
+    rng = random.Random("overlap")
+    scenes = [data.random_scene(rng) for _ in range(3000)]
+    for sc in scenes:
+        shapes = sc["shapes"]
+        assert all(data._apart(a, b) for i, a in enumerate(shapes) for b in shapes[i + 1:])
+    assert len({(sc["width"], sc["height"]) for sc in scenes}) > 1000
+    relative = [s["size"] / min(sc["width"], sc["height"]) for sc in scenes for s in sc["shapes"]]
+    assert min(relative) < 0.15 and max(relative) > 0.27
+
+
+def test_heldout_is_its_own_seed_and_shares_no_image(runs):
+    folder = runs["a"]
+    heldout = _jsonl(os.path.join(folder, "heldout.jsonl"))
+    files = _files(folder)
+    train = {files[r["image"]] for r in _jsonl(os.path.join(folder, "stage1.jsonl"))}
+    held = {files[r["image"][0]] for r in heldout}
+    assert len(held) == len(heldout) and not held & train
+    kinds = [r["kind"] for r in heldout]
+    assert {kinds.count(k) for k in ("color", "shape", "count", "position", "describe")} == {5}
+    # Its own seed: drawing more training data leaves the held-out split as it was.
+    assert files["heldout.jsonl"] == _files(runs["more_train"])["heldout.jsonl"]
+    scenes = {r["image"]: r for r in _jsonl(os.path.join(folder, "scenes.jsonl"))}
+    for r in heldout:
+        shapes = scenes[r["image"][0]]["shapes"]
+        assert data.score_answer(r["kind"], r["answer"], r["target"]), r
+        if r["kind"] in ("color", "shape"):
+            assert len(shapes) == 1 and r["target"][r["kind"]] == shapes[0][r["kind"]]
+        if r["kind"] == "count":
+            assert r["target"]["count"] == len(shapes)
+
+
+CONV = [("<image>\nWhere is the red circle?", "The red circle is at the left."),
+        ("How many shapes are there?", "There are 2 shapes.")]
+
+
+def test_three_formats_parse_to_the_same_conversation(tmp_path):
+    with open(tmp_path / "c.jsonl", "w") as f:
+        f.write(json.dumps({"image": ["images/x.png"], "text": data.render_owl_text(CONV), "task_type": "llava_sft"}))
+    messages = [{"from": who, "value": v} for q, a in CONV for who, v in (("human", q), ("gpt", a))]
+    with open(tmp_path / "c.json", "w") as f:
+        json.dump([{"image": "images/x.png", "conversations": messages}], f)
+    owl, llava = data.load_owl_jsonl(tmp_path / "c.jsonl"), data.load_llava_json(tmp_path / "c.json")
+    expected = data.Conversation([str(tmp_path / "images" / "x.png")], CONV)
+    assert owl == llava == [expected]
+    # LLaVA's tag after the question lands in front, as the template shows it.
+    moved = [{"from": "human", "value": "Where is the red circle?\n<image>"}, messages[1]]
+    with open(tmp_path / "m.json", "w") as f:
+        json.dump([{"image": "images/x.png", "conversations": moved}], f)
+    assert data.load_llava_json(tmp_path / "m.json")[0].turns == CONV[:1]
+    # Text-only: Alpaca and an image-less official line.
+    with open(tmp_path / "t.json", "w") as f:
+        json.dump([{"instruction": "What is 2 plus 1?", "input": "", "output": "2 plus 1 is 3."},
+                   {"instruction": "Which number is bigger?", "input": "3 and 7", "output": "7 is bigger than 3."}], f)
+    with open(tmp_path / "t.jsonl", "w") as f:
+        for turns in ([("What is 2 plus 1?", "2 plus 1 is 3.")], [("Which number is bigger?\n3 and 7", "7 is bigger than 3.")]):
+            f.write(json.dumps({"text": data.render_owl_text(turns), "task_type": "llava_sft"}) + "\n")
+    assert data.load_alpaca_json(tmp_path / "t.json") == data.load_owl_jsonl(tmp_path / "t.jsonl")
+
+
+def test_two_images_and_the_official_text_round_trip():
+    text = (data.SYSTEM + "\nHuman: <image>\nHuman: <image>\nHuman: Which image has more shapes?\n"
+            "AI: The first image has more shapes.")
+    turns = data.parse_owl_text(text)
+    assert turns == [("<image>\n<image>\nWhich image has more shapes?", "The first image has more shapes.")]
+    assert data.render_owl_text(turns) == text
+
+
+def test_generated_files_load_completely(runs):
+    folder = runs["a"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no entry of our own data may be skipped
+        owl = data.load_owl_jsonl(os.path.join(folder, "stage2_owl.jsonl"))
+        llava = data.load_llava_json(os.path.join(folder, "stage2_llava.json"))
+        alpaca = data.load_alpaca_json(os.path.join(folder, "stage2_alpaca.json"))
+        captions = data.load_captions_jsonl(os.path.join(folder, "stage1.jsonl"))
+    assert (len(owl), len(llava), len(alpaca), len(captions)) == (40, 20, 30, 40)
+    assert all(os.path.isfile(p) for c in owl + llava for p in c.images)
+    assert all(os.path.isabs(p) and os.path.isfile(p) for p, _ in captions)
+    texts = [r["text"] for r in _jsonl(os.path.join(folder, "stage2_owl.jsonl"))]
+    assert [data.render_owl_text(c.turns) for c in owl] == texts
+    assert any(len(c.images) == 2 for c in owl) and any(len(c.turns) > 1 for c in owl + llava)
+
+
+def test_malformed_entries_are_skipped_and_counted(tmp_path):
+    good = json.dumps({"image": ["a.png"], "text": data.render_owl_text(CONV)})
+    lines = [good, "{not json", json.dumps({"image": ["a.png"]}),  # no text
+             json.dumps({"image": ["a.png", "b.png"], "text": data.render_owl_text(CONV)}),  # 1 tag, 2 images
+             json.dumps({"text": data.SYSTEM + "\nHuman: hi\nAI: "}),  # empty answer
+             json.dumps({"text": data.SYSTEM + "\nHuman: hi"}), good]  # no AI turn
+    (tmp_path / "o.jsonl").write_text("\n".join(lines) + "\n\n")
+    with pytest.warns(UserWarning, match="skipped 5 malformed of 7 entries") as record:
+        assert len(data.load_owl_jsonl(tmp_path / "o.jsonl")) == 2
+    assert len(record) == 1  # one summary, not one per line
+    llava = [{"image": "a.png", "conversations": [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]},
+             {"image": "a.png", "conversations": [{"from": "gpt", "value": "a"}, {"from": "human", "value": "<image>\nq"}]},
+             {"image": "a.png"}, "a string"]
+    (tmp_path / "l.json").write_text(json.dumps(llava))
+    with pytest.warns(UserWarning, match="skipped 3 malformed of 4"):
+        assert len(data.load_llava_json(tmp_path / "l.json")) == 1
+    (tmp_path / "a.json").write_text(json.dumps([{"instruction": "q", "output": "a"}, {"instruction": "q"}]))
+    with pytest.warns(UserWarning, match="skipped 1 malformed of 2"):
+        assert data.load_alpaca_json(tmp_path / "a.json")[0].turns == [("q", "a")]
+    (tmp_path / "s.jsonl").write_text('{"image": "a.png", "caption": "1 shape."}\n{"image": "a.png"}\n')
+    with pytest.warns(UserWarning, match="skipped 1 malformed of 2"):
+        assert data.load_captions_jsonl(tmp_path / "s.jsonl") == [(str(tmp_path / "a.png"), "1 shape.")]
+
+
+def test_score_answer_accepts_right_and_rejects_wrong_or_contradicting():
+    assert data.score_answer("color", "The shape is red.", {"color": "red"})
+    assert not data.score_answer("color", "The shape is blue.", {"color": "red"})
+    assert not data.score_answer("color", "It is red or blue.", {"color": "red"})
+    assert data.score_answer("shape", "It is a triangle.", {"shape": "triangle"})
+    assert not data.score_answer("shape", "It is a square.", {"shape": "triangle"})
+    assert data.score_answer("count", "There are 3 shapes.", {"count": 3})
+    assert data.score_answer("count", "There are three shapes.", {"count": 3})
+    assert not data.score_answer("count", "There are 2 shapes.", {"count": 3})
+    assert not data.score_answer("count", "There are 3 or 4 shapes.", {"count": 3})
+    target = {"color": "red", "shape": "circle", "position": "left"}
+    assert data.score_answer("position", "The red circle is at the left.", target)
+    assert not data.score_answer("position", "The red circle is at the left and right.", target)
+    assert not data.score_answer("position", "It is at the top.", target)
+    scene = {"count": 2, "shapes": [{"color": "red", "shape": "circle", "position": "left"},
+                                    {"color": "blue", "shape": "square", "position": "top"}]}
+    assert data.score_answer("describe", "2 shapes: a red circle at the left and a blue square at the top.", scene)
+    assert data.score_answer("describe", "There are two shapes: a blue square and a red circle.", scene)
+    assert not data.score_answer("describe", "2 shapes: a red circle at the left.", scene)
+    assert not data.score_answer("describe", "2 shapes: a blue circle and a red square.", scene)
+    assert not data.score_answer("describe", "3 shapes: a red circle, a blue square and a green triangle.", scene)
+    assert not data.score_answer("describe", "2 shapes: a red circle at the bottom and a blue square.", scene)
+    table = data.accuracy_table([("color", True), ("color", False), ("count", True)])
+    assert table == {"color": (1, 2), "count": (1, 1), "all": (2, 3)}
+
+
+def test_tokenizer_round_trips_every_text_with_llama_ids(runs):
+    import sentencepiece as spm
+    folder = runs["a"]
+    sp = spm.SentencePieceProcessor(model_file=os.path.join(folder, "tokenizer.model"))
+    assert (sp.unk_id(), sp.bos_id(), sp.eos_id(), sp.pad_id()) == (0, 1, 2, -1)
+    assert 100 < sp.get_piece_size() <= 512
+    convs = (data.load_owl_jsonl(os.path.join(folder, "stage2_owl.jsonl"))
+             + data.load_llava_json(os.path.join(folder, "stage2_llava.json"))
+             + data.load_alpaca_json(os.path.join(folder, "stage2_alpaca.json")))
+    texts = [s for c in convs for turn in c.turns for s in turn] + [data.SYSTEM]
+    texts += [c for _, c in data.load_captions_jsonl(os.path.join(folder, "stage1.jsonl"))]
+    texts += [r["answer"] for r in _jsonl(os.path.join(folder, "heldout.jsonl"))]
+    texts += [data.render_owl_text(c.turns) for c in convs]  # the template's "\nHuman: " and "AI: " too
+    for text in texts:
+        ids = sp.encode(text)
+        assert 0 not in ids and sp.decode(ids) == text, text
+    for word in [*data.COLORS, *data.SHAPES, *data.POSITIONS]:
+        assert len(sp.encode(word)) == 1, word
+    assert len(sp.encode("12 plus 30")) > 3  # digits split one by one, any number tokenizes
