@@ -22,9 +22,7 @@ from dataclasses import dataclass
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-SYSTEM = ("The following is a conversation between a curious human and AI assistant. "
-          "The assistant gives helpful, detailed, and polite answers to the user's questions.")
-IMAGE = "<image>"
+from owl import IMAGE, IMAGE_ID, SYSTEM, render_turn, tokenize
 
 # Canonical fills, far apart in RGB and far from the light backgrounds, so the jittered fills stay unambiguous:
 # the model has to learn colour names, not exact RGB values.
@@ -189,11 +187,7 @@ def text_task(rng):
 def render_owl_text(turns):
     """The official stage-2 "text": the canonical template of SPEC §2 with answers. Questions carry their images
     as leading "<image>\\n" tags (see Conversation); each becomes its own "Human: <image>" line."""
-    text = SYSTEM
-    for question, answer in turns:
-        n = question.count(IMAGE)
-        text += "\nHuman: <image>" * n + f"\nHuman: {question.replace(IMAGE, '').strip()}\nAI: {answer}"
-    return text
+    return SYSTEM + "".join(render_turn(q.replace(IMAGE, "").strip(), q.count(IMAGE)) + a for q, a in turns)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -438,6 +432,96 @@ def accuracy_table(results):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training samples. Ids and labels are built together, segment by segment, with owl.py's own renderer and
+# tokeniser, so they cannot drift apart: the prompt text (system, questions, image slots) gets label -100, each
+# answer and the EOS after it are the targets.
+
+
+@dataclass
+class Sample:
+    ids: list[int]  # BOS + tokens, IMAGE_ID at image slots
+    labels: list[int]  # the token to predict at each position, -100 where there is no loss
+    images: list[str]  # one path per image slot run, in order
+
+
+def conversation_segments(conv):
+    """(text, is_answer) segments of a conversation in the canonical template."""
+    segments, prefix = [], SYSTEM
+    for question, answer in conv.turns:
+        segments.append((prefix + render_turn(question.replace(IMAGE, "").strip(), question.count(IMAGE)), False))
+        segments.append((answer, True))
+        prefix = ""
+    return segments
+
+
+def build_sample(tokenizer, segments, images, tokens_per_image, seq_len):
+    """Ids and labels from segments, truncated to seq_len; None when no answer token survives the cut (such a
+    sample would give a 0/0 = NaN mean loss)."""
+    ids, labels = [tokenizer.bos_id], [-100]
+    for text, is_answer in segments:
+        if is_answer:
+            piece = tokenizer.encode(text) + [tokenizer.eos_id]
+            ids, labels = ids + piece, labels + piece
+        else:
+            piece = tokenize(tokenizer, text, tokens_per_image)
+            ids, labels = ids + piece, labels + [-100] * len(piece)
+    if len(ids) > seq_len:
+        cut = seq_len
+        while cut > 0 and ids[cut - 1] == IMAGE_ID and ids[cut] == IMAGE_ID:
+            cut -= 1  # never keep half an image
+        ids, labels = ids[:cut], labels[:cut]
+    if all(label == -100 for label in labels):
+        return None
+    return Sample(ids, labels, images[: ids.count(IMAGE_ID) // tokens_per_image] if images else [])
+
+
+def load_training_samples(path, stage, tokenizer, tokens_per_image, seq_len):
+    """Every usable sample of one data file, tokenised. The format follows from the stage and the file:
+    stage 0 a text corpus (a sample a line); stage 1 image-caption JSONL; stage 2 the official mPLUG-Owl JSONL,
+    LLaVA JSON (entries with "conversations") or Alpaca JSON."""
+    if stage == 0:
+        with open(path) as f:
+            items = [([(line.strip(), True)], []) for line in f if line.strip()]
+    elif stage == 1:
+        items = [([(IMAGE, False), (text, True)], [image]) for image, text in load_captions_jsonl(path)]
+    else:
+        if str(path).endswith(".jsonl"):
+            convs = load_owl_jsonl(path)
+        else:
+            with open(path) as f:
+                first = (json.load(f) or [{}])[0]
+            convs = (load_llava_json if isinstance(first, dict) and "conversations" in first else load_alpaca_json)(path)
+        items = [(conversation_segments(c), c.images) for c in convs]
+    samples = [build_sample(tokenizer, segs, images, tokens_per_image, seq_len) for segs, images in items]
+    dropped = sum(s is None for s in samples)
+    if dropped:
+        warnings.warn(f"{path}: dropped {dropped} samples left without an answer token by --seq-len {seq_len}")
+    return [s for s in samples if s is not None]
+
+
+def open_image(path):
+    """Read an image fully (a truncated file fails here, not later)."""
+    with Image.open(path) as img:
+        img.load()
+        return img.copy()
+
+
+def augment(img, rng):
+    """Stage-1 augmentation of the official recipe: RandomResizedCrop (scale 0.5-1, aspect 3/4-4/3) and a
+    horizontal flip; the resize to the ViT's size happens in the shared image transform afterwards."""
+    w, h = img.size
+    for _ in range(10):
+        area = w * h * rng.uniform(0.5, 1.0)
+        aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+        cw, ch = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        if 0 < cw <= w and 0 < ch <= h:
+            left, top = rng.randint(0, w - cw), rng.randint(0, h - ch)
+            img = img.crop((left, top, left + cw, top + ch))
+            break
+    return img.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else img
 
 
 def main(argv=None):

@@ -37,14 +37,15 @@ IMAGE = "<image>"
 IMAGE_ID = -1  # placeholder id: never a real token, replaced by a visual token before f_L sees it
 
 
+def render_turn(question: str, num_images: int = 0) -> str:
+    """One turn: a `Human: <image>` line per image shown at this turn, the question, and 'AI: ' (trailing space)
+    after which the answer follows. A conversation is SYSTEM + turn + answer + turn + answer ..."""
+    return f"\nHuman: {IMAGE}" * num_images + f"\nHuman: {question}\nAI: "
+
+
 def render_prompt(question: str, num_images: int) -> str:
-    """The canonical single-turn prompt: one `Human: <image>` line per image, then the question. Ends with 'AI: '."""
-    return SYSTEM + "".join(f"\nHuman: {IMAGE}" for _ in range(num_images)) + f"\nHuman: {question}\nAI: "
-
-
-def render_turn(question: str, answer: Optional[str] = None) -> str:
-    """A further turn of a conversation, appended after the previous answer."""
-    return f"\nHuman: {question}\nAI: " + (answer or "")
+    """The canonical single-turn prompt of the released model."""
+    return SYSTEM + render_turn(question, num_images)
 
 
 def tokenize(tokenizer: Tokenizer, text: str, tokens_per_image: int) -> List[int]:
@@ -295,13 +296,14 @@ def stream_answer(model: Owl, ids: List[int], pixels, args, out=sys.stdout) -> L
 
 def chat(model: Owl, pixels, args) -> None:
     """Interactive multi-turn chat about the given images; the history is kept in the template."""
-    history = SYSTEM + "".join(f"\nHuman: {IMAGE}" for _ in range(0 if pixels is None else len(pixels)))
+    history, pending_images = SYSTEM, 0 if pixels is None else len(pixels)
     print("Chat with Owl about the image(s). End with Ctrl-D.", file=sys.stderr)
     for line in sys.stdin:
         question = line.strip()
         if not question:
             continue
-        prompt = history + render_turn(question)
+        prompt = history + render_turn(question, pending_images)
+        pending_images = 0
         ids = model.prompt_ids(prompt)
         if len(ids) >= model.cfg.text.max_position_embeddings:
             raise UserError("the conversation is longer than the model's context")

@@ -1,0 +1,525 @@
+"""Train Owl in the paper's two stages, on one CPU or many GPUs (DDP under torchrun).
+
+    stage 0  (tiny run only) pre-train the tiny f_L on a text corpus. The real recipe starts from LLaMA-7B instead.
+    stage 1  pre-training: f_V and f_K (queries, visual_fc, vit_eos included) learn to caption; f_L frozen.
+    stage 2  joint instruction tuning: f_V frozen; LoRA on f_L (q_proj, v_proj) and f_K trained on text-only and
+             multimodal instructions mixed (--freeze-abstractor freezes f_K, as the released code does).
+
+    python train.py --stage all                                   # the tiny Owl on data from `python data.py synth`
+    torchrun --nproc_per_node=8 train.py --stage 2 --init DIR --data llava.json --data alpaca.json:0.5 ...
+
+Each stage writes DIR/stageN/: a full checkpoint in the official format (LoRA merged) that `python owl.py
+--checkpoint` loads, the LoRA adapter alone (stage 2), metrics.jsonl, loss.png, and train_state.pt for --resume.
+"""
+import argparse
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import data
+import lora
+from llama import Llama, LlamaConfig, Tokenizer, build_empty, iter_tensors, load_into
+from owl import Owl, OwlConfig, render_prompt
+from vit import VisionTransformer
+
+
+@dataclass
+class TrainConfig:
+    stage: str = "all"  # 0, 1, 2 or all (0, 1, 2 in turn)
+    out_dir: str = "runs/owl-tiny"  # each stage writes out_dir/stageN
+    data_dir: str = "data/synth"  # where `python data.py synth` wrote the tiny run's data
+    data: tuple = ()  # PATH or PATH:WEIGHT, repeatable; default: the stage's files in data_dir
+    model: str = "tiny"  # preset for a model built from scratch: tiny or owl-7b
+    init: str = ""  # an official mPLUG-Owl checkpoint folder to start from
+    vit_init: str = ""  # an HF CLIP folder for f_V (stage 1's usual start)
+    llm_init: str = ""  # an HF or Meta LLaMA folder for f_L
+    tokenizer: str = ""  # tokenizer.model; default: from --init / --llm-init / data_dir
+    steps: int = 0  # optimizer steps per stage; 0 = the stage's default
+    batch_size: int = 0  # global batch (samples per optimizer step, all ranks); 0 = the stage's default
+    micro_batch: int = 0  # samples per forward pass on one rank; 0 = the whole per-rank batch
+    lr: float = 0.0  # peak learning rate; 0 = the stage's default
+    warmup: int = 0  # warm-up steps (linear), then cosine to lr/10; 0 = 5% of the steps
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    seq_len: int = 256  # tokens per sample, longer ones are truncated
+    lora_r: int = 8
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.05
+    lora_targets: str = "q_proj,v_proj"
+    freeze_abstractor: bool = False
+    augment: bool = False  # stage-1 RandomResizedCrop + flip, as the official recipe (flips break left/right answers)
+    grad_checkpointing: bool = False
+    eval_every: int = 0  # validation loss every N steps; 0 = at the end only
+    eval_samples: int = 400  # held-out questions answered at the end of stage 2
+    save_every: int = 0  # train_state.pt every N steps; 0 = at the end only
+    resume: bool = False
+    seed: int = 1337
+    device: str = ""  # default: cuda if available, else cpu
+    dtype: str = ""  # bfloat16 on CUDA, float32 on CPU
+
+
+# What each stage of the tiny run does by default: steps, global batch, peak lr.
+STAGE_DEFAULTS = {0: dict(steps=600, batch_size=64, lr=3e-3), 1: dict(steps=1500, batch_size=64, lr=2e-3),
+                  2: dict(steps=600, batch_size=64, lr=1e-3)}
+
+
+def parse_args(argv=None) -> TrainConfig:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    helps = {f.name: f for f in fields(TrainConfig)}
+    comments = _field_comments()
+    for name, f in helps.items():
+        flag = "--" + name.replace("_", "-")
+        if f.type == "bool" or isinstance(f.default, bool):
+            p.add_argument(flag, action="store_true", help=comments.get(name, "").replace("%", "%%"))
+        elif isinstance(f.default, tuple):
+            p.add_argument(flag, action="append", default=[], help=comments.get(name, "").replace("%", "%%"))
+        else:
+            p.add_argument(flag, type=type(f.default), default=f.default,
+                           help=f"{comments.get(name, '')} (default: {f.default!r})".replace("%", "%%"))
+    args = p.parse_args(argv)
+    cfg = TrainConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in vars(args).items()})
+    if cfg.stage not in ("0", "1", "2", "all"):
+        p.error("--stage must be 0, 1, 2 or all")
+    return cfg
+
+
+def _field_comments() -> dict:
+    """The comment after each field above, reused as its --help text so the two never drift apart."""
+    out, src = {}, Path(__file__).read_text().split("class TrainConfig:")[1].split("\n\n")[0]
+    for line in src.splitlines():
+        if ":" in line and "#" in line:
+            out[line.split(":")[0].strip()] = line.split("#", 1)[1].strip()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Distributed setup: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them this is a single process.
+
+def setup_distributed(cfg: TrainConfig):
+    ddp = "RANK" in os.environ
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if ddp:
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        dist.init_process_group(backend)
+        if device.startswith("cuda"):
+            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(device)
+        return dist.get_rank(), dist.get_world_size(), device
+    return 0, 1, device
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model building per stage
+
+def build_model(cfg: TrainConfig, stage: int, tokenizer: Tokenizer, device, dtype):
+    """The model a stage starts from, with exactly the parameters that stage trains set to requires_grad."""
+    prev = Path(cfg.out_dir) / f"stage{stage - 1}"
+    if stage == 0:
+        tcfg = OwlConfig.preset(cfg.model).text
+        tcfg.vocab_size = max(tcfg.vocab_size, tokenizer.vocab_size)
+        model = Llama(tcfg)
+        model.init_weights()
+        return model.to(device)
+    if cfg.init:
+        model = Owl.from_pretrained(cfg.init, torch.float32, device)
+    elif stage == 2 and (prev / "config.json").exists() and not cfg.llm_init:
+        model = Owl.from_pretrained(prev, torch.float32, device)
+    else:  # stage 1 from parts: a random or CLIP f_V, a random f_K, f_L from stage 0 or a LLaMA folder
+        ocfg = OwlConfig.preset(cfg.model)
+        llm_dir = cfg.llm_init or str(prev)
+        llm = Llama.from_meta(llm_dir) if (Path(llm_dir) / "params.json").exists() else Llama.from_hf(llm_dir)
+        ocfg.text = llm.cfg
+        ocfg.abstractor.llm_hidden_size = llm.cfg.hidden_size
+        if cfg.vit_init:
+            vit = VisionTransformer.from_clip(cfg.vit_init)
+            ocfg.vision = vit.cfg
+            ocfg.abstractor.hidden_size = vit.cfg.hidden_size
+        model = Owl(ocfg)
+        model.init_weights()
+        model.language_model = llm
+        if cfg.vit_init:
+            model.vision_model = vit
+        model = model.to(device)
+    model.tokenizer = tokenizer
+    for p in model.parameters():
+        p.requires_grad = False
+    if stage == 1:
+        for part in (model.vision_model, model.abstractor):
+            part.requires_grad_(True)
+    else:
+        lora.apply_lora(model.language_model, tuple(cfg.lora_targets.split(",")), cfg.lora_r, cfg.lora_alpha,
+                        cfg.lora_dropout)
+        lora.mark_only_lora_trainable(model, extra=() if cfg.freeze_abstractor else ("abstractor.",))
+    if device.startswith("cuda") and dtype == torch.bfloat16:
+        model.language_model.to(torch.bfloat16)  # frozen f_L held in bf16; LoRA params stay fp32 (lora.py)
+        for m in model.language_model.modules():
+            if isinstance(m, lora.LoRALinear):
+                m.lora_A.data, m.lora_B.data = m.lora_A.data.float(), m.lora_B.data.float()
+    model.vision_model.encoder.grad_checkpointing = cfg.grad_checkpointing
+    model.language_model.grad_checkpointing = cfg.grad_checkpointing
+    return model
+
+
+def find_tokenizer(cfg: TrainConfig) -> Path:
+    for cand in (cfg.tokenizer, cfg.init and Path(cfg.init) / "tokenizer.model",
+                 cfg.llm_init and Path(cfg.llm_init) / "tokenizer.model", Path(cfg.data_dir) / "tokenizer.model"):
+        if cand and Path(cand).exists():
+            return Path(cand)
+    sys.exit("train: no tokenizer.model found; pass --tokenizer, or run `python data.py synth` first")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data: every sample is tokenised once, up front, into (ids, labels, image paths).
+
+def load_samples(cfg: TrainConfig, stage: int, tokenizer: Tokenizer, tokens_per_image: int):
+    d = Path(cfg.data_dir)
+    sources = list(cfg.data) or {0: [f"{d / 'corpus.txt'}"], 1: [f"{d / 'stage1.jsonl'}"],
+                                 2: [f"{d / 'stage2_owl.jsonl'}", f"{d / 'stage2_llava.json'}",
+                                     f"{d / 'stage2_alpaca.json'}:0.3"]}[stage]
+    out = []
+    for spec in sources:
+        path, _, weight = spec.partition(":") if not Path(spec).exists() else (spec, "", "")
+        samples = data.load_training_samples(path, stage, tokenizer, tokens_per_image, cfg.seq_len)
+        if not samples:
+            sys.exit(f"train: {path} holds no usable sample")
+        out.append((samples, float(weight or 1.0)))
+    return out
+
+
+def sample_order(sources, n: int, seed: int):
+    """The global order of samples for the whole run: sources mixed by weight, each shuffled and cycled.
+    Every rank computes the same list, so a step's global batch is known everywhere (and after a resume)."""
+    rng = random.Random(seed)
+    weights = [w for _, w in sources]
+    perms = [list(range(len(s))) for s, _ in sources]
+    cursors = [len(p) for p in perms]
+    order = []
+    for _ in range(n):
+        k = rng.choices(range(len(sources)), weights)[0]
+        if cursors[k] == len(perms[k]):
+            rng.shuffle(perms[k])
+            cursors[k] = 0
+        order.append(sources[k][0][perms[k][cursors[k]]])
+        cursors[k] += 1
+    return order
+
+
+class ImageCache:
+    """Preprocessed pixels by path; kept in memory unless augmenting, since the tiny run reads each image often."""
+
+    def __init__(self, transform, augment: bool):
+        self.transform, self.augment, self.cache = transform, augment, {}
+
+    def __call__(self, path: str, rng: random.Random) -> torch.Tensor:
+        if self.augment:
+            return self.transform(data.augment(data.open_image(path), rng))
+        if path not in self.cache:
+            self.cache[path] = self.transform(data.open_image(path)).half()
+        return self.cache[path].float()
+
+
+def collate(samples, images: ImageCache, rng, device):
+    T = max(len(s.ids) for s in samples)
+    ids = torch.full((len(samples), T), 0, dtype=torch.long)
+    labels = torch.full((len(samples), T), -100, dtype=torch.long)
+    for i, s in enumerate(samples):
+        ids[i, : len(s.ids)] = torch.tensor(s.ids)
+        labels[i, : len(s.labels)] = torch.tensor(s.labels)
+    paths = [p for s in samples for p in s.images]
+    pixels = torch.stack([images(p, rng) for p in paths]).to(device) if paths else None
+    return ids.to(device), labels.to(device), pixels
+
+
+def summed_loss(model, ids, labels, pixels):
+    """Sum of the next-token cross-entropy over the answer tokens (labels != -100)."""
+    inner = model.module if hasattr(model, "module") else model  # DDP wraps the model
+    logits = model(ids) if isinstance(inner, Llama) else model(ids, pixels)
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints: written to a temporary file, then renamed, so a crash mid-save leaves the previous one intact.
+
+def atomic_save(obj, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def trainable_state(model) -> dict:
+    return {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def run_signature(cfg: TrainConfig, stage: int, model_cfg: dict) -> dict:
+    """What must match for --resume to continue a run: the stage, the model and the optimisation settings."""
+    keep = ("steps", "batch_size", "lr", "seq_len", "lora_r", "lora_alpha", "lora_targets", "freeze_abstractor",
+            "seed", "weight_decay", "warmup")
+    return {"stage": stage, "model": model_cfg, **{k: getattr(cfg, k) for k in keep}}
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to a tenth of the peak."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def peak_flops(device) -> float:
+    """Dense bf16 peak of the GPU, for MFU; 0 where unknown."""
+    name = torch.cuda.get_device_name(device) if str(device).startswith("cuda") else ""
+    for key, flops in (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40", 181e12), ("A10", 125e12)):
+        if key in name:
+            return flops
+    return 0.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One stage
+
+def train_stage(cfg: TrainConfig, stage: int, rank: int, world: int, device: str) -> Path:
+    out = Path(cfg.out_dir) / f"stage{stage}"
+    master = rank == 0
+    defaults = STAGE_DEFAULTS[stage]
+    cfg = TrainConfig(**{**asdict(cfg), **{k: getattr(cfg, k) or v for k, v in defaults.items()}})
+    cfg.warmup = cfg.warmup or max(1, cfg.steps // 20)
+    if cfg.batch_size % world:
+        sys.exit(f"train: --batch-size {cfg.batch_size} is not divisible by the {world} ranks")
+    per_rank = cfg.batch_size // world
+    micro = cfg.micro_batch or per_rank
+    if per_rank % micro:
+        sys.exit(f"train: the per-rank batch {per_rank} is not divisible by --micro-batch {micro}")
+    on_cuda = device.startswith("cuda")
+    dtype = getattr(torch, cfg.dtype) if cfg.dtype else (torch.bfloat16 if on_cuda else torch.float32)
+    torch.manual_seed(cfg.seed + stage)
+
+    tok_path = find_tokenizer(cfg)
+    tokenizer = Tokenizer(tok_path)
+    model = build_model(cfg, stage, tokenizer, device, dtype)
+    is_llm = isinstance(model, Llama)
+    tpi = 0 if is_llm else model.cfg.tokens_per_image
+    sources = load_samples(cfg, stage, tokenizer, tpi)
+    order = sample_order(sources, cfg.steps * cfg.batch_size, cfg.seed + stage)
+    transform = None if is_llm else model.image_transform
+    images = ImageCache(transform, cfg.augment and stage == 1)
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95),
+                            fused=on_cuda)
+    model_cfg = asdict(model.cfg)
+    signature = run_signature(cfg, stage, model_cfg)
+    step, state_path = 0, out / "train_state.pt"
+    if cfg.resume and state_path.exists():
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        if state["signature"] != signature:
+            diff = [k for k in signature if state["signature"].get(k) != signature[k]]
+            sys.exit(f"train: --resume refused: {state_path} was made with a different {', '.join(diff)}")
+        named = dict(model.named_parameters())
+        with torch.no_grad():
+            for n, t in state["trainable"].items():
+                named[n].copy_(t)
+        opt.load_state_dict(state["optimizer"])
+        step = state["step"]
+        torch.set_rng_state(state["rng"])
+        if master:
+            print(f"resuming stage {stage} at step {step}", file=sys.stderr)
+    ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if on_cuda else None) \
+        if world > 1 else model
+    if master:
+        out.mkdir(parents=True, exist_ok=True)
+        n_train = sum(p.numel() for p in params)
+        print(f"stage {stage}: {n_train / 1e6:.2f}M trainable of {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
+              f"parameters, {sum(len(s) for s, _ in sources)} samples, {cfg.steps} steps of {cfg.batch_size}",
+              file=sys.stderr)
+    n_params = sum(p.numel() for p in model.parameters())
+    flops_per_token = 6 * n_params  # PaLM's estimate (attention term left out: short sequences)
+    peak = peak_flops(device) * world
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda and dtype == torch.bfloat16 else nullcontext()
+    stop = {"now": False}
+    signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+
+    def save_state():
+        if master:
+            atomic_save({"signature": signature, "trainable": trainable_state(model), "optimizer": opt.state_dict(),
+                         "step": step, "rng": torch.get_rng_state()}, state_path)
+
+    model.train()
+    bar = tqdm(total=cfg.steps, initial=step, disable=not master, desc=f"stage {stage}", dynamic_ncols=True)
+    log = open(out / "metrics.jsonl", "a") if master else None
+    try:
+        while step < cfg.steps and not stop["now"]:
+            t0 = time.time()
+            batch = order[step * cfg.batch_size: (step + 1) * cfg.batch_size]
+            n_targets = sum(sum(label != -100 for label in s.labels[1:]) for s in batch)
+            mine = batch[rank * per_rank: (rank + 1) * per_rank]
+            rng = random.Random(cfg.seed * 1000003 + step * world + rank)
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, cfg)
+            total, tokens = 0.0, 0
+            for i in range(0, per_rank, micro):
+                ids, labels, pixels = collate(mine[i: i + micro], images, rng, device)
+                last = i + micro >= per_rank
+                sync = nullcontext() if last or world == 1 else ddp_model.no_sync()
+                with sync, autocast:
+                    # the sum over this micro-batch / the target count of the whole global batch, times the ranks
+                    # DDP averages over: the same gradient as one process on the whole batch
+                    loss = summed_loss(ddp_model, ids, labels, pixels) * world / max(1, n_targets)
+                    loss.backward()
+                total += loss.item() / world
+                tokens += ids.numel()
+            if world > 1:
+                t = torch.tensor([total], device=device)
+                dist.all_reduce(t)
+                total = t.item()
+            norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            dt = time.time() - t0
+            if master:
+                tps = tokens * world / dt
+                stats = {"stage": stage, "step": step, "loss": round(total, 4), "lr": lr_at(step - 1, cfg),
+                         "grad_norm": round(float(norm), 4), "tokens_per_s": round(tps, 1)}
+                if peak:
+                    stats["mfu"] = round(tps * flops_per_token / peak, 4)
+                log.write(json.dumps(stats) + "\n")
+                bar.set_postfix(loss=f"{total:.3f}", lr=f"{stats['lr']:.1e}", tok_s=f"{tps:.0f}",
+                                **({"mfu": f"{stats['mfu']:.1%}"} if peak else {}))
+                bar.update(1)
+            if cfg.save_every and step % cfg.save_every == 0:
+                save_state()
+            if cfg.eval_every and step % cfg.eval_every == 0 and master:
+                val = validation_loss(model, cfg, stage, tokenizer, tpi, images, device, autocast)
+                if val is not None:
+                    log.write(json.dumps({"stage": stage, "step": step, "val_loss": round(val, 4)}) + "\n")
+    except KeyboardInterrupt:
+        stop["now"] = True
+    finally:
+        bar.close()
+    save_state()  # also on SIGTERM / Ctrl-C, so --resume continues from here
+    if stop["now"]:
+        if master:
+            print(f"stopped at step {step}; continue with --resume", file=sys.stderr)
+        sys.exit(130)
+    if master:
+        val = validation_loss(model, cfg, stage, tokenizer, tpi, images, device, autocast)
+        if val is not None:
+            log.write(json.dumps({"stage": stage, "step": step, "val_loss": round(val, 4)}) + "\n")
+        log.close()
+        export(model, stage, out, tok_path, cfg)
+        plot_losses(out / "metrics.jsonl", out / "loss.png")
+        if stage == 2 and (Path(cfg.data_dir) / "heldout.jsonl").exists():
+            evaluate(out, Path(cfg.data_dir) / "heldout.jsonl", cfg.eval_samples, device)
+    return out
+
+
+def export(model, stage: int, out: Path, tok_path: Path, cfg: TrainConfig) -> None:
+    """Write the stage's result: stage 0 an HF LLaMA folder; stages 1-2 an official Owl folder (LoRA merged)."""
+    from safetensors.torch import save_file
+
+    model = model.float().eval()
+    if stage == 0:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / "model.safetensors")
+        (out / "config.json").write_text(json.dumps(model.cfg.to_hf(), indent=2))
+        (out / "tokenizer.model").write_bytes(tok_path.read_bytes())
+        return
+    if stage == 2:
+        lora.save_lora(model, out / "lora.safetensors")
+        lora.remove_lora(model)
+    model.save_pretrained(out, tokenizer_model=tok_path)
+
+
+@torch.no_grad()
+def validation_loss(model, cfg, stage, tokenizer, tpi, images, device, autocast):
+    """Mean answer-token loss on the validation file next to the training data, if there is one."""
+    d = Path(cfg.data_dir)
+    path = {0: d / "val_corpus.txt", 1: d / "val_stage1.jsonl", 2: d / "val_stage2_owl.jsonl"}[stage]
+    if not path.exists():
+        return None
+    samples = data.load_training_samples(path, stage, tokenizer, tpi, cfg.seq_len)[:256]
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(samples), 32):
+        ids, labels, pixels = collate(samples[i: i + 32], images, random.Random(0), device)
+        with autocast:
+            total += summed_loss(model, ids, labels, pixels).item()
+        count += int((labels[:, 1:] != -100).sum())
+    model.train(was_training)
+    return total / max(1, count)
+
+
+def evaluate(ckpt: Path, heldout: Path, limit: int, device: str) -> dict:
+    """Answer held-out questions greedily with the exported checkpoint; accuracy by question kind."""
+    from owl import load_image
+
+    model = Owl.from_pretrained(ckpt, torch.float32, device)
+    rows = [json.loads(line) for line in heldout.read_text().splitlines() if line.strip()]
+    kinds = sorted({r["kind"] for r in rows})
+    per_kind = max(1, limit // len(kinds))
+    rows = [r for k in kinds for r in [r for r in rows if r["kind"] == k][:per_kind]]
+    results = []
+    for r in tqdm(rows, desc="held-out", dynamic_ncols=True):
+        paths = [str(heldout.parent / p) for p in r["image"]]
+        pixels = torch.stack([load_image(p, model.image_transform) for p in paths])
+        ids = model.prompt_ids(render_prompt(r["question"], len(paths)))
+        answer = model.tokenizer.decode(list(model.generate(ids, pixels, max_new_tokens=48)))
+        results.append((r["kind"], data.score_answer(r["kind"], answer, r["target"])))
+    table = data.accuracy_table(results)
+    (ckpt / "heldout_accuracy.json").write_text(json.dumps(table, indent=2))
+    print("held-out accuracy: " + ", ".join(f"{k} {c}/{n} = {c / max(1, n):.1%}" for k, (c, n) in table.items()),
+          file=sys.stderr)
+    return table
+
+
+def plot_losses(metrics: Path, png: Path) -> None:
+    """The training-loss curve as a PNG, drawn with Pillow (no plotting library at run time)."""
+    from PIL import Image, ImageDraw
+
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    if len(losses) < 2:
+        return
+    W, H, pad = 640, 360, 40
+    img = Image.new("RGB", (W, H), "white")
+    draw = ImageDraw.Draw(img)
+    lo, hi = min(losses), max(losses)
+    pts = [(pad + i * (W - 2 * pad) / (len(losses) - 1), H - pad - (v - lo) / max(hi - lo, 1e-9) * (H - 2 * pad))
+           for i, v in enumerate(losses)]
+    draw.rectangle([pad, pad, W - pad, H - pad], outline="gray")
+    draw.line(pts, fill=(40, 90, 200), width=2)
+    draw.text((pad, 10), f"{png.parent.name}: training loss {hi:.3f} -> {losses[-1]:.3f} over {len(losses)} steps",
+              fill="black")
+    img.save(png)
+
+
+def main(argv=None) -> None:
+    cfg = parse_args(argv)
+    rank, world, device = setup_distributed(cfg)
+    try:
+        stages = [0, 1, 2] if cfg.stage == "all" else [int(cfg.stage)]
+        for stage in stages:
+            train_stage(cfg, stage, rank, world, device)
+            if world > 1:
+                dist.barrier()
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
