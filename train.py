@@ -337,8 +337,9 @@ def train_stage(cfg: TrainConfig, stage: int, rank: int, world: int, device: str
         torch.set_rng_state(state["rng"])
         if master:
             print(f"resuming stage {stage} at step {step}", file=sys.stderr)
-    ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if on_cuda else None) \
-        if world > 1 else model
+    # stage 2 mixes text-only batches, which leave f_K unused on a rank
+    ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if on_cuda else None,
+                                                          find_unused_parameters=stage == 2) if world > 1 else model
     if master:
         out.mkdir(parents=True, exist_ok=True)
         n_train = sum(p.numel() for p in params)
@@ -358,6 +359,11 @@ def train_stage(cfg: TrainConfig, stage: int, rank: int, world: int, device: str
                          "step": step, "rng": torch.get_rng_state()}, state_path)
 
     model.train()
+    frozen = {1: [] if is_llm else [model.language_model], 2: []}.get(stage, [])
+    if stage == 2:
+        frozen = [model.vision_model] + ([model.abstractor] if cfg.freeze_abstractor else [])
+    for part in frozen:
+        part.eval()  # a frozen part runs as at inference: no dropout
     bar = tqdm(total=cfg.steps, initial=step, disable=not master, desc=f"stage {stage}", dynamic_ncols=True)
     log = open(out / "metrics.jsonl", "a") if master else None
     try:
@@ -397,6 +403,7 @@ def train_stage(cfg: TrainConfig, stage: int, rank: int, world: int, device: str
                 if peak:
                     stats["mfu"] = round(tps * flops_per_token / peak, 4)
                 log.write(json.dumps(stats) + "\n")
+                log.flush()  # readable while the run goes on (tail -f)
                 bar.set_postfix(loss=f"{total:.3f}", lr=f"{stats['lr']:.1e}", tok_s=f"{tps:.0f}",
                                 **({"mfu": f"{stats['mfu']:.1%}"} if peak else {}))
                 bar.update(1)
