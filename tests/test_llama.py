@@ -1,0 +1,350 @@
+"""f_L's claims, each checked against an independent reference: HF's LlamaForCausalLM (logits, greedy generation),
+Meta's checkpoint layout written out here by hand, SentencePiece itself, and sampling rules with known answers."""
+import json
+import re
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import LlamaConfig as HFLlamaConfig
+from transformers import LlamaForCausalLM
+
+from llama import Llama, Tokenizer, sample
+
+TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=128, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2)
+
+
+def tiny_hf_llama(num_kv_heads=4, **overrides) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    cfg = HFLlamaConfig(**{**TINY, "num_key_value_heads": num_kv_heads, **overrides})
+    cfg._attn_implementation = "eager"  # HF's attention written out, not SDPA as ours
+    hf = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # HF starts RMSNorm weights at 1: noise makes a swapped norm visible
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return hf
+
+
+def hf_logits(hf, ids) -> torch.Tensor:
+    with torch.no_grad():
+        return hf(input_ids=ids).logits
+
+
+def ours_logits(model, ids) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids)
+
+
+def ids_for_test(B=2, T=12, seed=1) -> torch.Tensor:
+    return torch.randint(3, TINY["vocab_size"], (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(params=[4, 2], ids=["mha", "gqa"])
+def hf_and_folder(request, tmp_path):
+    hf = tiny_hf_llama(num_kv_heads=request.param)
+    hf.save_pretrained(tmp_path / "hf")
+    return hf, tmp_path / "hf"
+
+
+# --- f_L equals HF's LLaMA ------------------------------------------------------------------------------------------
+
+def test_llama_logits_match_hf_llama_for_causal_lm(hf_and_folder):
+    hf, folder = hf_and_folder
+    model = Llama.from_hf(folder).eval()
+    ids = ids_for_test()
+    torch.testing.assert_close(ours_logits(model, ids), hf_logits(hf, ids), atol=1e-4, rtol=0)
+
+
+def test_llama_input_embeddings_path_equals_token_ids(hf_and_folder):
+    """mPLUG-Owl feeds f_L embeddings with the visual tokens spliced in; for text alone both paths agree with HF."""
+    hf, folder = hf_and_folder
+    model = Llama.from_hf(folder).eval()
+    ids = ids_for_test()
+    with torch.no_grad():
+        out = model(inputs_embeds=model.model.embed_tokens(ids))
+        ref = hf(inputs_embeds=hf.model.embed_tokens(ids)).logits
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
+
+
+def test_20_greedy_tokens_equal_hf_generate(hf_and_folder):
+    hf, folder = hf_and_folder
+    model = Llama.from_hf(folder).eval()
+    prompt = ids_for_test(B=1, T=7, seed=3)
+    hf.generation_config.eos_token_id = None  # run all 20 steps on both sides
+    with torch.no_grad():
+        ref = hf.generate(prompt, max_new_tokens=20, do_sample=False, pad_token_id=0)[0, 7:].tolist()
+    ours = list(model.generate(prompt, max_new_tokens=20, eos_id=-1, temperature=0.0))
+    assert len(ref) == 20
+    assert ours == ref
+
+
+def test_kv_cache_decoding_equals_one_full_forward(hf_and_folder):
+    """Prefill 8 tokens, append a chunk of 5, then 3 single tokens: the same logits as the whole sequence at once."""
+    _, folder = hf_and_folder
+    model = Llama.from_hf(folder).eval()
+    ids = ids_for_test(B=2, T=16)
+    full = ours_logits(model, ids)
+    model.setup_cache(batch_size=2, max_len=32)
+    with torch.no_grad():
+        steps = [model(ids[:, :8], start_pos=0), model(ids[:, 8:13], start_pos=8)]
+        steps += [model(ids[:, t:t + 1], start_pos=t) for t in range(13, 16)]
+    model.clear_cache()
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
+
+
+def test_rope_theta_is_read_from_the_config(tmp_path):
+    """transformers 5 writes rope_theta inside `rope_parameters`; a non-default base must still be used."""
+    hf = tiny_hf_llama(rope_theta=500000.0)
+    hf.save_pretrained(tmp_path)
+    model = Llama.from_hf(tmp_path).eval()
+    assert model.cfg.rope_theta == 500000.0
+    ids = ids_for_test(T=40)
+    torch.testing.assert_close(ours_logits(model, ids), hf_logits(hf, ids), atol=1e-4, rtol=0)
+
+
+def test_scaled_rope_is_refused_not_silently_run_as_plain_rope(tmp_path):
+    hf = tiny_hf_llama(rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                        "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                        "original_max_position_embeddings": 64})
+    hf.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="rope"):
+        Llama.from_hf(tmp_path)
+
+
+# --- checkpoint files -------------------------------------------------------------------------------------------------
+
+def test_loads_sharded_safetensors(tmp_path):
+    hf = tiny_hf_llama()
+    hf.save_pretrained(tmp_path, max_shard_size="30KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    assert len(set(json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"].values())) > 1
+    ids = ids_for_test()
+    torch.testing.assert_close(ours_logits(Llama.from_hf(tmp_path), ids), hf_logits(hf, ids), atol=1e-4, rtol=0)
+
+
+def test_loads_pytorch_model_bin(tmp_path):
+    hf = tiny_hf_llama()
+    hf.save_pretrained(tmp_path / "st")
+    (tmp_path / "bin").mkdir()
+    shutil.copy(tmp_path / "st" / "config.json", tmp_path / "bin" / "config.json")
+    torch.save(hf.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
+    ids = ids_for_test()
+    model = Llama.from_hf(tmp_path / "bin")
+    torch.testing.assert_close(ours_logits(model, ids), hf_logits(hf, ids), atol=1e-4, rtol=0)
+
+
+def write_hf_folder(folder, config_from, sd: dict) -> None:
+    folder.mkdir()
+    shutil.copy(config_from / "config.json", folder / "config.json")
+    save_file({k: v.contiguous() for k, v in sd.items()}, folder / "model.safetensors")
+
+
+def test_rotary_inv_freq_buffers_in_the_checkpoint_are_ignored(tmp_path):
+    hf = tiny_hf_llama()
+    hf.save_pretrained(tmp_path / "hf")
+    sd = load_file(tmp_path / "hf" / "model.safetensors")
+    for n in range(TINY["num_hidden_layers"]):  # as the released mPLUG-Owl checkpoint carries them
+        sd[f"model.layers.{n}.self_attn.rotary_emb.inv_freq"] = 1.0 / 10000 ** (torch.arange(0, 16, 2) / 16)
+    write_hf_folder(tmp_path / "old", tmp_path / "hf", sd)
+    ids = ids_for_test()
+    torch.testing.assert_close(ours_logits(Llama.from_hf(tmp_path / "old"), ids), hf_logits(hf, ids), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("fault,key,error", [
+    ("missing", "model.layers.1.mlp.up_proj.weight", KeyError),
+    ("unexpected", "model.layers.0.self_attn.q_norm.weight", KeyError),
+    ("wrong shape", "model.layers.0.mlp.down_proj.weight", ValueError),
+])
+def test_a_bad_checkpoint_key_is_an_error_naming_it(tmp_path, fault, key, error):
+    hf = tiny_hf_llama()
+    hf.save_pretrained(tmp_path / "hf")
+    sd = load_file(tmp_path / "hf" / "model.safetensors")
+    if fault == "missing":
+        del sd[key]
+    elif fault == "unexpected":
+        sd[key] = torch.ones(16)
+    else:
+        sd[key] = sd[key].T  # (hidden, mlp) stored as (mlp, hidden)
+    write_hf_folder(tmp_path / "bad", tmp_path / "hf", sd)
+    with pytest.raises(error, match=re.escape(key)):
+        Llama.from_hf(tmp_path / "bad")
+
+
+# --- Meta's original layout -------------------------------------------------------------------------------------------
+
+def hf_to_meta_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Inverse of HF's convert_llama_weights_to_hf permute, w.view(n, hd//2, 2, dim).transpose(1, 2): back from
+    rotate-half pairs (i, i + hd/2) to Meta's adjacent pairs (2i, 2i + 1)."""
+    rows, dim = w.shape
+    return w.view(n_heads, 2, rows // n_heads // 2, dim).transpose(1, 2).reshape(rows, dim)
+
+
+def write_meta_checkpoint(folder, hf: LlamaForCausalLM, unpermute=True, shards=1) -> None:
+    """The tiny HF model in Meta's consolidated.NN.pth layout, split the way Meta's model-parallel code splits it:
+    column-parallel weights (wq wk wv w1 w3 output) by rows, row-parallel (wo w2) and tok_embeddings by columns."""
+    c = hf.config
+    sd = hf.state_dict()
+    fix = (lambda w, n: hf_to_meta_rows(w, n)) if unpermute else (lambda w, n: w)
+    meta = {"tok_embeddings.weight": sd["model.embed_tokens.weight"], "norm.weight": sd["model.norm.weight"],
+            "output.weight": sd["lm_head.weight"]}
+    for n in range(c.num_hidden_layers):
+        hfp, mp = f"model.layers.{n}.", f"layers.{n}."
+        meta[mp + "attention.wq.weight"] = fix(sd[hfp + "self_attn.q_proj.weight"], c.num_attention_heads)
+        meta[mp + "attention.wk.weight"] = fix(sd[hfp + "self_attn.k_proj.weight"], c.num_key_value_heads)
+        meta[mp + "attention.wv.weight"] = sd[hfp + "self_attn.v_proj.weight"]
+        meta[mp + "attention.wo.weight"] = sd[hfp + "self_attn.o_proj.weight"]
+        meta[mp + "feed_forward.w1.weight"] = sd[hfp + "mlp.gate_proj.weight"]
+        meta[mp + "feed_forward.w2.weight"] = sd[hfp + "mlp.down_proj.weight"]
+        meta[mp + "feed_forward.w3.weight"] = sd[hfp + "mlp.up_proj.weight"]
+        meta[mp + "attention_norm.weight"] = sd[hfp + "input_layernorm.weight"]
+        meta[mp + "ffn_norm.weight"] = sd[hfp + "post_attention_layernorm.weight"]
+    params = {"dim": c.hidden_size, "n_layers": c.num_hidden_layers, "n_heads": c.num_attention_heads,
+              "norm_eps": c.rms_norm_eps, "vocab_size": -1, "multiple_of": 32}
+    if c.num_key_value_heads != c.num_attention_heads:
+        params["n_kv_heads"] = c.num_key_value_heads
+    folder.mkdir()
+    (folder / "params.json").write_text(json.dumps(params))
+    split_dim = lambda k: 1 if k.endswith(("wo.weight", "w2.weight")) or k == "tok_embeddings.weight" else 0
+    for s in range(shards):
+        part = {k: v if v.dim() == 1 else v.chunk(shards, dim=split_dim(k))[s].clone() for k, v in meta.items()}
+        torch.save(part, folder / f"consolidated.{s:02d}.pth")
+
+
+def test_meta_layout_checkpoint_gives_hf_logits(hf_and_folder, tmp_path):
+    hf, _ = hf_and_folder
+    write_meta_checkpoint(tmp_path / "meta", hf)
+    ids = ids_for_test()
+    torch.testing.assert_close(ours_logits(Llama.from_meta(tmp_path / "meta"), ids), hf_logits(hf, ids),
+                               atol=1e-4, rtol=0)
+
+
+def test_meta_layout_from_two_model_parallel_shards(hf_and_folder, tmp_path):
+    hf, _ = hf_and_folder
+    write_meta_checkpoint(tmp_path / "meta", hf, shards=2)
+    ids = ids_for_test()
+    torch.testing.assert_close(ours_logits(Llama.from_meta(tmp_path / "meta"), ids), hf_logits(hf, ids),
+                               atol=1e-4, rtol=0)
+
+
+def test_meta_weights_without_the_rope_permutation_give_wrong_logits(tmp_path):
+    """The q/k row order is what tells the two RoPE layouts apart: skipping it loads without error but is wrong,
+    so the comparison above does check the permutation."""
+    hf = tiny_hf_llama()
+    write_meta_checkpoint(tmp_path / "meta", hf, unpermute=False)
+    ids = ids_for_test()
+    assert (ours_logits(Llama.from_meta(tmp_path / "meta"), ids) - hf_logits(hf, ids)).abs().max() > 1e-3
+
+
+# --- tokenizer --------------------------------------------------------------------------------------------------------
+
+CORPUS = ["The following is a conversation between a curious human and AI assistant.",
+          "Human: what is in the image?", "AI: a cat sitting on a mat, looking at the camera.",
+          "The assistant gives helpful, detailed, and polite answers to the user's questions.",
+          "mPLUG-Owl reads pictures and answers questions about them."] * 20
+
+TEXTS = ["Human: what is in the image?", "\nHuman: ", "AI: ", " leading space", "two  spaces", "Zebra xyz 42!",
+         "The assistant gives polite answers.\nAI: a cat", ""]
+
+
+@pytest.fixture(scope="module")
+def sp_model(tmp_path_factory):
+    import sentencepiece as spm
+
+    folder = tmp_path_factory.mktemp("sp")
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(CORPUS), model_prefix=str(folder / "tokenizer"),
+                                   vocab_size=100, model_type="bpe", character_coverage=1.0, unk_id=0, bos_id=1,
+                                   eos_id=2, pad_id=-1, minloglevel=2)
+    return folder / "tokenizer.model"
+
+
+def test_tokenizer_special_ids_are_llama_s(sp_model):
+    tok = Tokenizer(sp_model)
+    assert (tok.unk_id, tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size) == (0, 1, 2, 0, 100)
+
+
+def test_tokenizer_encode_equals_sentencepiece_and_hf_slow_backend(sp_model):
+    """Without BOS/EOS, with SentencePiece's dummy prefix: what HF's slow (legacy) LlamaTokenizer gave per chunk."""
+    import sentencepiece as spm
+    from transformers import SentencePieceBackend  # transformers 5's slow, sentencepiece-backed tokenizer
+
+    sp = spm.SentencePieceProcessor(model_file=str(sp_model))
+    hf = SentencePieceBackend(vocab_file=str(sp_model), legacy=True)
+    tok = Tokenizer(sp_model)
+    for text in TEXTS:
+        ids = tok.encode(text)
+        assert ids == sp.encode(text) == hf.encode(text, add_special_tokens=False), text
+        assert 1 not in ids and 2 not in ids
+    assert 0 in tok.encode("Zebra xyz 42!")  # characters outside the corpus are unk
+
+
+def test_tokenizer_decode_skips_bos_eos_and_unk(sp_model):
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(sp_model))
+    tok = Tokenizer(sp_model)
+    ids = tok.encode("Human: what is in the image?")
+    assert tok.decode([1] + ids + [2]) == "Human: what is in the image?" == sp.decode(ids)
+    assert tok.decode([1] + tok.encode("a cat") + [0, 2]) == "a cat"
+
+
+# --- sampling ---------------------------------------------------------------------------------------------------------
+
+LOGITS = torch.tensor([[0.3, 2.0, -1.0, 1.7, 0.0, 1.9]])
+
+
+def draws(n=400, seed=0, **kw) -> list:
+    g = torch.Generator().manual_seed(seed)
+    return [sample(LOGITS, generator=g, **kw) for _ in range(n)]
+
+
+def test_temperature_zero_is_argmax():
+    assert sample(LOGITS, temperature=0.0) == 1
+    assert set(draws(50, temperature=0.0, top_k=3, top_p=0.5)) == {1}
+
+
+def test_top_k_1_is_argmax_at_any_temperature():
+    assert set(draws(200, temperature=1.0, top_k=1)) == {1}
+    assert set(draws(200, temperature=5.0, top_k=1)) == {1}
+
+
+def test_top_k_keeps_the_k_most_likely():
+    assert set(draws(temperature=1.0, top_k=3)) == {1, 5, 3}
+
+
+def test_top_p_keeps_the_smallest_set_whose_mass_reaches_p():
+    """Tokens by probability (unsorted on purpose, so the mask must be put back in vocabulary order):
+    p = [0.05, 0.5, 0.1, 0.25, 0.0, 0.1] -> top_p 0.45 keeps {1}; 0.7 keeps {1, 3}; 0.8 keeps {1, 3, one of 0.1s}."""
+    probs = torch.tensor([[0.05, 0.5, 0.1, 0.25, 1e-9, 0.1]])
+    logits = probs.log()
+    g = torch.Generator().manual_seed(0)
+    pick = lambda p: {sample(logits, 1.0, 0, p, g) for _ in range(400)}
+    assert pick(0.45) == {1}
+    assert pick(0.7) == {1, 3}
+    assert pick(0.8) in ({1, 3, 2}, {1, 3, 5})
+    assert pick(0.9) == {1, 3, 2, 5}
+    assert pick(0.97) == {0, 1, 2, 3, 5}
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5, 2.0])
+def test_sampling_follows_the_softmax_of_logits_over_temperature(temperature):
+    counts = torch.bincount(torch.tensor(draws(4000, temperature=temperature)), minlength=6).float() / 4000
+    torch.testing.assert_close(counts, (LOGITS / temperature).softmax(-1)[0], atol=0.03, rtol=0)
+
+
+def test_a_seeded_generator_gives_reproducible_samples():
+    a, b = draws(seed=7, temperature=1.0, top_k=4), draws(seed=7, temperature=1.0, top_k=4)
+    assert a == b
+    assert a != draws(seed=8, temperature=1.0, top_k=4)
+
+
+def test_seeded_generation_is_reproducible(tmp_path):
+    hf = tiny_hf_llama()
+    hf.save_pretrained(tmp_path)
+    model = Llama.from_hf(tmp_path).eval()
+    prompt = ids_for_test(B=1, T=5)
+    run = lambda seed: list(model.generate(prompt, max_new_tokens=12, eos_id=-1, temperature=1.0, top_k=20,
+                                           generator=torch.Generator().manual_seed(seed)))
+    assert run(0) == run(0)
+    assert run(0) != run(1)
