@@ -12,6 +12,7 @@ tokenisation and the image placeholders), reads and writes the official checkpoi
 """
 import argparse
 import json
+import pickle
 import re
 import shutil
 import sys
@@ -21,6 +22,7 @@ from typing import Iterator, List, Optional
 
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError
 
 from abstractor import AbstractorConfig, VisualAbstractor
 from llama import Llama, LlamaConfig, Tokenizer, build_empty, iter_tensors, load_into
@@ -354,6 +356,9 @@ def main(argv=None) -> int:
             model = Owl.from_pretrained(args.checkpoint, getattr(torch, args.dtype), args.device)
         except (FileNotFoundError, KeyError, ValueError, OSError, RuntimeError) as e:
             raise UserError(f"cannot load checkpoint {args.checkpoint}: {e.args[0] if e.args else e}") from None
+        except (pickle.UnpicklingError, EOFError, SafetensorError) as e:  # e.g. an interrupted download
+            raise UserError(f"cannot load checkpoint {args.checkpoint}: a weights file is truncated, corrupt or holds "
+                            f"more than tensors ({type(e).__name__})") from None
         pixels = torch.stack([load_image(p, model.image_transform) for p in args.image]) if args.image else None
         if args.prompt is None:
             chat(model, pixels, args)

@@ -1,0 +1,70 @@
+"""Shared fixtures: a tiny SentencePiece tokenizer trained here and a tiny random Owl that can use it."""
+import io
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+SPM_TEXT = [
+    "The following is a conversation between a curious human and AI assistant.",
+    "The assistant gives helpful, detailed, and polite answers to the user's questions.",
+    "Human: What is in the picture? AI: A red cat sits on a blue mat near the window.",
+    "Describe the image in detail. Two dogs play with a ball in the green park under the sun.",
+    "How many people are there? Three people walk along the river at night with lanterns.",
+    "Which one is bigger, the left shape or the right shape? The square on the left is bigger.",
+]
+
+
+def train_spm(vocab_size: int = 400) -> bytes:
+    """A LLaMA-style SentencePiece model, serialised: unk 0, bos 1, eos 2, no pad, BPE with byte fallback, no
+    normalisation and whitespace kept as is (so a newline becomes the byte piece <0x0A>, as in LLaMA's tokenizer)."""
+    import sentencepiece as spm
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(SPM_TEXT * 20), model_writer=buf, vocab_size=vocab_size,
+                                   model_type="bpe", unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+                                   byte_fallback=True, normalization_rule_name="identity",
+                                   remove_extra_whitespaces=False, split_digits=True, hard_vocab_limit=False,
+                                   minloglevel=2)
+    return buf.getvalue()
+
+
+def tiny_owl(tokenizer_model, seed: int = 0):
+    """A small random Owl whose vocabulary is exactly the tokenizer's. Every parameter is jittered (so a mis-mapped
+    bias or LayerNorm shows), lm_head is scaled up (so greedy decoding does not repeat one token), and the rows of
+    unk/bos/eos are zeroed (so greedy decoding never stops early or emits text-less tokens)."""
+    import sentencepiece as spm
+
+    from abstractor import AbstractorConfig
+    from llama import LlamaConfig, Tokenizer
+    from owl import Owl, OwlConfig
+    from vit import ViTConfig
+
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer_model))
+    cfg = OwlConfig(
+        ViTConfig(image_size=32, patch_size=8, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128),
+        AbstractorConfig(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=96, num_queries=64,
+                         llm_hidden_size=96),
+        LlamaConfig(vocab_size=sp.get_piece_size(), hidden_size=96, intermediate_size=160, num_layers=2, num_heads=4,
+                    max_position_embeddings=512))
+    torch.manual_seed(seed)
+    model = Owl(cfg)
+    model.init_weights()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+        model.language_model.lm_head.weight.mul_(30.0)
+        model.language_model.lm_head.weight[[sp.unk_id(), sp.bos_id(), sp.eos_id()]] = 0.0
+    model.tokenizer = Tokenizer(tokenizer_model)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tokenizer_model(tmp_path_factory):
+    """Path of a tiny tokenizer.model, trained once per test session."""
+    path = tmp_path_factory.mktemp("spm") / "tokenizer.model"
+    path.write_bytes(train_spm())
+    return path

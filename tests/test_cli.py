@@ -1,0 +1,159 @@
+"""The command line, run as a user runs it: `python owl.py ...` in a subprocess, on a tiny checkpoint made here.
+It prints exactly the greedy answer the library gives, and every input a user can get wrong ends with exit status 2
+and one sentence on stderr, never a traceback. The runs go four at a time: each pays ~2 s of interpreter start-up."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from conftest import tiny_owl
+from owl import Owl, render_prompt
+
+ROOT = Path(__file__).resolve().parent.parent
+QUESTION = "What is in the picture?"
+GREEDY = ["--max-new-tokens", "12", "--temperature", "0"]
+FLAGS = ["--checkpoint", "--image", "--prompt", "--raw-prompt", "--max-new-tokens", "--temperature", "--top-k",
+         "--top-p", "--seed", "--dtype", "--device"]
+KEY_REMOVED = "abstractor.encoder.layers.1.crossattention.attention.value.bias"
+KEY_RESHAPED = "vision_model.encoder.layers.0.mlp.fc1.weight"  # (128, 64) in the tiny model
+
+
+def owl_cli(*args) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8", "OMP_NUM_THREADS": "1"}  # four at a time on few cores
+    return subprocess.run([sys.executable, "owl.py", *map(str, args)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, encoding="utf-8", timeout=120)
+
+
+@pytest.fixture(scope="module")
+def files(tokenizer_model, tmp_path_factory):
+    """A tiny checkpoint, its broken variants, and good and bad image files."""
+    d = tmp_path_factory.mktemp("cli")
+    tiny_owl(tokenizer_model, seed=1).save_pretrained(d / "ckpt")
+    for i, size in enumerate([(40, 28), (23, 37)]):
+        rng = np.random.default_rng(i)
+        Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(d / f"img{i}.png")
+    (d / "x.png").write_text("this is text, not a picture\n")
+    png = (d / "img0.png").read_bytes()
+    (d / "truncated.png").write_bytes(png[: len(png) // 2])
+
+    def variant(name, edit_files=None, edit_weights=None):
+        shutil.copytree(d / "ckpt", d / name)
+        if edit_files:
+            edit_files(d / name)
+        if edit_weights:
+            weights = load_file(d / name / "model.safetensors")
+            edit_weights(weights)
+            save_file(weights, d / name / "model.safetensors")
+
+    variant("no-config", lambda p: (p / "config.json").unlink())
+    variant("no-weights", lambda p: (p / "model.safetensors").unlink())
+    variant("no-tokenizer", lambda p: (p / "tokenizer.model").unlink())
+    variant("llava", lambda p: (p / "config.json").write_text(
+        json.dumps({**json.loads((p / "config.json").read_text()), "model_type": "llava"})))
+    variant("key-removed", edit_weights=lambda w: w.pop(KEY_REMOVED))
+    variant("key-reshaped", edit_weights=lambda w: w.update({KEY_RESHAPED: w[KEY_RESHAPED].t().contiguous()}))
+    variant("truncated-weights", lambda p: (p / "model.safetensors").write_bytes(
+        (p / "model.safetensors").read_bytes()[:5000]))
+    return d
+
+
+def bad_inputs(d: Path) -> dict:
+    """name -> (argv, what the one-sentence error must mention)."""
+    ok = ["--checkpoint", d / "ckpt", "--image", d / "img0.png"]
+    prompt = ["--prompt", QUESTION, *GREEDY]
+    return {
+        "missing image file": (["--checkpoint", d / "ckpt", "--image", d / "nope.png", *prompt], ["nope.png"]),
+        "text file named .png": (["--checkpoint", d / "ckpt", "--image", d / "x.png", *prompt], ["x.png"]),
+        "truncated png": (["--checkpoint", d / "ckpt", "--image", d / "truncated.png", *prompt], ["truncated.png"]),
+        "checkpoint folder missing": (["--checkpoint", d / "no-such-ckpt", *prompt], ["no-such-ckpt", "not exist"]),
+        "no config.json": (["--checkpoint", d / "no-config", *prompt], ["config.json"]),
+        "no weights": (["--checkpoint", d / "no-weights", *prompt], ["model.safetensors"]),
+        "no tokenizer.model": (["--checkpoint", d / "no-tokenizer", *prompt], ["tokenizer.model"]),
+        "another model_type": (["--checkpoint", d / "llava", *prompt], ["llava", "mplug-owl"]),
+        "a key removed": (["--checkpoint", d / "key-removed", *prompt], [KEY_REMOVED, "missing"]),
+        "a shape mismatch": (["--checkpoint", d / "key-reshaped", *prompt], [KEY_RESHAPED, "(64, 128)", "(128, 64)"]),
+        "truncated weights file": (["--checkpoint", d / "truncated-weights", *prompt], ["truncated-weights"]),
+        "raw prompt with wrong <image> count": (
+            [*ok, "--raw-prompt", "--prompt", "Human: <image>\nHuman: <image>\nAI: ", *GREEDY], ["<image>", "2", "1"]),
+        "prompt longer than the context": ([*ok, "--prompt", "the cat " * 400, *GREEDY], ["context"]),
+        "empty prompt": ([*ok, "--prompt", "  ", *GREEDY], ["empty"]),
+    }
+
+
+RAW_TWO_IMAGES = "Human: <image>\nHuman: <image>\nHuman: Which one is bigger?\nAI: "
+
+
+@pytest.fixture(scope="module")
+def runs(files) -> dict:
+    """Every subprocess run of this file, four at a time."""
+    d = files
+    argvs = {name: argv for name, (argv, _) in bad_inputs(d).items()}
+    argvs.update({
+        "answer": ["--checkpoint", d / "ckpt", "--image", d / "img0.png", "--prompt", QUESTION, *GREEDY],
+        "help": ["--help"],
+        "raw two images": ["--checkpoint", d / "ckpt", "--image", d / "img0.png", "--image", d / "img1.png",
+                           "--raw-prompt", "--prompt", RAW_TWO_IMAGES, *GREEDY],
+        "bfloat16": ["--checkpoint", d / "ckpt", "--image", d / "img0.png", "--prompt", QUESTION, "--dtype",
+                     "bfloat16", *GREEDY],
+    })
+    with ThreadPoolExecutor(4) as pool:
+        return dict(zip(argvs, pool.map(lambda argv: owl_cli(*argv), argvs.values())))
+
+
+def greedy_answer(checkpoint: Path, text: str, images: list) -> str:
+    """What the library answers in this process: Owl.from_pretrained(...).generate, decoded."""
+    model = Owl.from_pretrained(checkpoint)
+    pixels = torch.stack([model.image_transform(Image.open(p)) for p in images])
+    ids = list(model.generate(model.prompt_ids(text), pixels, max_new_tokens=12, temperature=0.0))
+    assert len(ids) == 12
+    return model.tokenizer.decode(ids)
+
+
+def test_cli_prints_exactly_the_greedy_answer_of_the_library(files, runs):
+    r = runs["answer"]
+    assert r.returncode == 0, r.stderr
+    expected = greedy_answer(files / "ckpt", render_prompt(QUESTION, 1), [files / "img0.png"])
+    assert expected.strip()
+    assert r.stdout == expected + "\n"
+    assert "Traceback" not in r.stderr
+
+
+def test_cli_raw_prompt_places_two_images_and_answers(files, runs):
+    r = runs["raw two images"]
+    assert r.returncode == 0, r.stderr
+    expected = greedy_answer(files / "ckpt", RAW_TWO_IMAGES, [files / "img0.png", files / "img1.png"])
+    assert r.stdout == expected + "\n"
+
+
+def test_cli_runs_in_bfloat16(runs):
+    r = runs["bfloat16"]
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.endswith("\n") and r.stdout.count("\n") == 1 and r.stdout.strip()
+
+
+def test_cli_help_names_every_flag(runs):
+    r = runs["help"]
+    assert r.returncode == 0, r.stderr
+    missing = [flag for flag in FLAGS if flag not in r.stdout]
+    assert missing == []
+
+
+@pytest.mark.parametrize("case", list(bad_inputs(Path("names-only"))))
+def test_cli_bad_input_exits_2_with_one_sentence_and_no_traceback(files, runs, case):
+    r = runs[case]
+    must_mention = bad_inputs(files)[case][1]
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert "Traceback" not in r.stderr
+    assert r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert all(thing in lines[0] for thing in must_mention), lines[0]
