@@ -51,21 +51,21 @@ class TrainConfig:
     micro_batch: int = 0  # samples per forward pass on one rank; 0 = the whole per-rank batch
     lr: float = 0.0  # peak learning rate; 0 = the stage's default
     warmup: int = 0  # warm-up steps (linear), then cosine to lr/10; 0 = 5% of the steps
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
+    weight_decay: float = 0.01  # AdamW decoupled weight decay on matrices (not on norms, biases, queries)
+    grad_clip: float = 1.0  # clip the global gradient norm to this
     seq_len: int = 256  # tokens per sample, longer ones are truncated
-    lora_r: int = 8
-    lora_alpha: float = 32.0
-    lora_dropout: float = 0.05
-    lora_targets: str = "q_proj,v_proj"
-    freeze_abstractor: bool = False
+    lora_r: int = 8  # LoRA rank (stage 2), as released
+    lora_alpha: float = 32.0  # LoRA scale alpha; the update is (alpha / r) B A
+    lora_dropout: float = 0.05  # dropout on the LoRA input path
+    lora_targets: str = "q_proj,v_proj"  # comma-separated f_L Linear names that get LoRA
+    freeze_abstractor: bool = False  # stage 2: keep f_K frozen, as the released code does (the paper trains it)
     augment: bool = False  # stage-1 RandomResizedCrop + flip, as the official recipe (flips break left/right answers)
-    grad_checkpointing: bool = False
+    grad_checkpointing: bool = False  # recompute f_V / f_L activations in backward to save memory
     eval_every: int = 0  # validation loss every N steps; 0 = at the end only
     eval_samples: int = 400  # held-out questions answered at the end of stage 2
     save_every: int = 0  # train_state.pt every N steps; 0 = at the end only
-    resume: bool = False
-    seed: int = 1337
+    resume: bool = False  # continue from out_dir/stageN/train_state.pt (same settings required)
+    seed: int = 1337  # seeds the initialisation, the data order and dropout
     device: str = ""  # default: cuda if available, else cpu
     dtype: str = ""  # bfloat16 on CUDA, float32 on CPU
 
@@ -371,7 +371,8 @@ def train_stage(cfg: TrainConfig, stage: int, rank: int, world: int, device: str
             t0 = time.time()
             batch = order[step * cfg.batch_size: (step + 1) * cfg.batch_size]
             n_targets = sum(sum(label != -100 for label in s.labels[1:]) for s in batch)
-            mine = batch[rank * per_rank: (rank + 1) * per_rank]
+            # sorted by length, so each micro-batch pads little; the summed loss does not depend on the order
+            mine = sorted(batch[rank * per_rank: (rank + 1) * per_rank], key=lambda s: len(s.ids))
             rng = random.Random(cfg.seed * 1000003 + step * world + rank)
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, cfg)
