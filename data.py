@@ -197,7 +197,8 @@ def render_owl_text(turns):
 def synth(out, seed=0, n_train=12000, n_owl=8000, n_llava=4000, n_alpaca=600, n_heldout=1000, vocab_size=512):
     """Write into `out`: images/ (s_* for training, h_* held out), scenes.jsonl (the facts of every image),
     stage1.jsonl, stage2_owl.jsonl, stage2_llava.json, stage2_alpaca.json, corpus.txt, heldout.jsonl (questions
-    without <image> tags, their images listed apart) and tokenizer.model. Paths are relative to `out`."""
+    without <image> tags, their images listed apart), val_* files for the validation loss (on held-out images) and
+    tokenizer.model. Paths are relative to `out`."""
     os.makedirs(os.path.join(out, "images"), exist_ok=True)
     rng = random.Random(f"train/{seed}")
     scenes, records, stage1, corpus = [], [], [], SYSTEM.replace(". ", ".\n").splitlines()
@@ -235,6 +236,7 @@ def synth(out, seed=0, n_train=12000, n_owl=8000, n_llava=4000, n_alpaca=600, n_
 
     # Held-out: another seed and its own files, so no image is shared with training; kinds balanced.
     rng, heldout = random.Random(f"heldout/{seed}"), []
+    vrng, val_captions = random.Random(f"val/{seed}"), []  # validation-loss files drawn on the held-out images
     for i in tqdm(range(n_heldout), desc="held-out images"):
         kind = ("color", "shape", "count", "position", "describe")[i % 5]
         scene = random_scene(rng, 1 if kind in ("color", "shape") else None)
@@ -243,10 +245,14 @@ def synth(out, seed=0, n_train=12000, n_owl=8000, n_llava=4000, n_alpaca=600, n_
         records.append({"image": name, **scene})
         q, answer, target = ask(kind, scene, rng)
         heldout.append({"image": [name], "question": q, "kind": kind, "answer": answer, "target": target})
+        val_captions.append({"image": name, "caption": caption(scene, vrng)})
+    val_owl = [{"image": h["image"], "text": render_owl_text([(IMAGE + "\n" + h["question"], h["answer"])]),
+                "task_type": "llava_sft"} for h in heldout]
 
     for name, rows in (("scenes.jsonl", records), ("stage1.jsonl", stage1), ("stage2_owl.jsonl", owl),
                        ("heldout.jsonl", heldout), ("stage2_llava.json", llava), ("stage2_alpaca.json", alpaca),
-                       ("corpus.txt", corpus)):
+                       ("corpus.txt", corpus), ("val_stage1.jsonl", val_captions), ("val_stage2_owl.jsonl", val_owl),
+                       ("val_corpus.txt", [c["caption"] for c in val_captions])):
         with open(os.path.join(out, name), "w") as f:
             if name.endswith(".json"):
                 json.dump(rows, f, indent=1)
