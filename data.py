@@ -38,7 +38,9 @@ NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "
 def random_scene(rng, n_shapes=None):
     """Canvas of any size/aspect (images from other code can have any), light background, 1-4 shapes at
     distinct positions, (colour, shape) pairs unique so "Where is the red circle?" has one answer."""
-    w, h = rng.randint(48, 192), rng.randint(48, 192)
+    # any size, but not so elongated that the shapes shrink to a few pixels once squashed to the ViT's square
+    w = rng.randint(64, 256)
+    h = min(256, max(48, round(w * math.exp(rng.uniform(math.log(0.6), math.log(1 / 0.6))))))
     n = n_shapes or rng.randint(1, 4)
     positions = rng.sample(list(POSITIONS), n)
     pairs = rng.sample([(c, s) for c in COLORS for s in SHAPES], n)
@@ -47,16 +49,16 @@ def random_scene(rng, n_shapes=None):
                              (rng.randint(240, 252), rng.randint(230, 245), rng.randint(200, 225)),  # beige, cream,
                              tuple(min(255, base + rng.randint(-12, 10)) for _ in range(3))])  # pale tint
     # Shapes must not overlap (a shape's centre pixel has its own colour). Big sizes and jitter sometimes collide,
-    # so retry with both shrinking; the last try (12% of the shorter side, no jitter) is always disjoint.
+    # so retry with both shrinking; the last try (15% of the shorter side, no jitter) is always disjoint.
     for attempt in range(20):
         shrink = 1 - attempt / 19
         shapes = []
         for (color, shape), position in zip(pairs, positions):
-            size = max(8, round(min(w, h) * rng.uniform(0.12, 0.12 + 0.18 * shrink)))
+            size = max(8, round(min(w, h) * rng.uniform(0.15, 0.15 + 0.17 * shrink)))
             half = math.ceil(size / 2)
             fx, fy = POSITIONS[position]
-            cx = round(w * (fx + shrink * rng.uniform(-0.05, 0.05)))
-            cy = round(h * (fy + shrink * rng.uniform(-0.05, 0.05)))
+            cx = round(w * (fx + shrink * rng.uniform(-0.07, 0.07)))
+            cy = round(h * (fy + shrink * rng.uniform(-0.07, 0.07)))
             shapes.append({
                 "color": color, "shape": shape, "position": position,
                 "center": [min(max(cx, half + 1), w - half - 2), min(max(cy, half + 1), h - half - 2)],

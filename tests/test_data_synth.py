@@ -72,7 +72,7 @@ def test_scenes_are_drawn_as_recorded(runs):
     for rec in _jsonl(os.path.join(runs["a"], "scenes.jsonl")):
         img = Image.open(os.path.join(runs["a"], rec["image"])).convert("RGB")
         w, h = img.size
-        assert (w, h) == (rec["width"], rec["height"]) and 48 <= w <= 192 and 48 <= h <= 192
+        assert (w, h) == (rec["width"], rec["height"]) and 64 <= w <= 256 and 48 <= h <= 256 and 0.18 <= min(w, h) / max(w, h)
         assert img.getpixel((0, 0)) == tuple(rec["background"]) and min(rec["background"]) >= 200  # light
         shapes = rec["shapes"]
         assert 1 <= len(shapes) <= 4
@@ -86,7 +86,7 @@ def test_scenes_are_drawn_as_recorded(runs):
             fx, fy = cx / w, cy / h
             assert {"left": fx < 0.3 and 0.4 < fy < 0.6, "right": fx > 0.7 and 0.4 < fy < 0.6,
                     "top": fy < 0.3 and 0.4 < fx < 0.6, "bottom": fy > 0.7 and 0.4 < fx < 0.6}[s["position"]]
-            assert 8 <= s["size"] <= max(8, 0.3 * min(w, h) + 1) and abs(s["angle"]) <= 15
+            assert 8 <= s["size"] <= max(8, 0.32 * min(w, h) + 1) and abs(s["angle"]) <= 15
 
 
 def test_shapes_never_overlap_and_sizes_vary():
