@@ -503,6 +503,10 @@ def load_training_samples(path, stage, tokenizer, tokens_per_image, seq_len):
                 first = (json.load(f) or [{}])[0]
             convs = (load_llava_json if isinstance(first, dict) and "conversations" in first else load_alpaca_json)(path)
         items = [(conversation_segments(c), c.images) for c in convs]
+    present = [item for item in items if all(os.path.isfile(p) for p in item[1])]
+    if len(present) < len(items):
+        warnings.warn(f"{path}: skipped {len(items) - len(present)} samples whose image file is missing")
+    items = present
     samples = [build_sample(tokenizer, segs, images, tokens_per_image, seq_len) for segs, images in items]
     dropped = sum(s is None for s in samples)
     if dropped:

@@ -220,7 +220,7 @@ class ImageCache:
     """Preprocessed pixels by path; kept in memory unless augmenting, since the tiny run reads each image often."""
 
     def __init__(self, transform, augment: bool):
-        self.transform, self.augment, self.cache = transform, augment, {}
+        self.transform, self.augment, self.cache, self.failed = transform, augment, {}, 0
 
     def __call__(self, path: str, rng: random.Random) -> torch.Tensor:
         if self.augment:
@@ -231,15 +231,26 @@ class ImageCache:
 
 
 def collate(samples, images: ImageCache, rng, device):
-    T = max(len(s.ids) for s in samples)
-    ids = torch.full((len(samples), T), 0, dtype=torch.long)
-    labels = torch.full((len(samples), T), -100, dtype=torch.long)
-    for i, s in enumerate(samples):
+    """Pad a micro-batch (right, label -100). A sample whose image cannot be read is skipped and counted."""
+    kept, pixels = [], []
+    for s in samples:
+        try:
+            pixels += [images(p, rng) for p in s.images]
+            kept.append(s)
+        except (OSError, ValueError, SyntaxError) as e:  # what PIL raises for missing, truncated or bad files
+            images.failed += 1
+            if images.failed == 1:
+                print(f"\nskipping samples with unreadable images, first: {s.images} ({e})", file=sys.stderr)
+            pixels = pixels[: sum(len(k.images) for k in kept)]
+    if not kept:
+        return None
+    T = max(len(s.ids) for s in kept)
+    ids = torch.full((len(kept), T), 0, dtype=torch.long)
+    labels = torch.full((len(kept), T), -100, dtype=torch.long)
+    for i, s in enumerate(kept):
         ids[i, : len(s.ids)] = torch.tensor(s.ids)
         labels[i, : len(s.labels)] = torch.tensor(s.labels)
-    paths = [p for s in samples for p in s.images]
-    pixels = torch.stack([images(p, rng) for p in paths]).to(device) if paths else None
-    return ids.to(device), labels.to(device), pixels
+    return ids.to(device), labels.to(device), torch.stack(pixels).to(device) if pixels else None
 
 
 def summed_loss(model, ids, labels, pixels):
@@ -378,8 +389,11 @@ def train_stage(cfg: TrainConfig, stage: int, rank: int, world: int, device: str
                 g["lr"] = lr_at(step, cfg)
             total, tokens = 0.0, 0
             for i in range(0, per_rank, micro):
-                ids, labels, pixels = collate(mine[i: i + micro], images, rng, device)
                 last = i + micro >= per_rank
+                batch_tensors = collate(mine[i: i + micro], images, rng, device)
+                if batch_tensors is None:  # every sample of this micro-batch unreadable
+                    continue
+                ids, labels, pixels = batch_tensors
                 sync = nullcontext() if last or world == 1 else ddp_model.no_sync()
                 with sync, autocast:
                     # the sum over this micro-batch / the target count of the whole global batch, times the ranks
@@ -406,7 +420,8 @@ def train_stage(cfg: TrainConfig, stage: int, rank: int, world: int, device: str
                 log.write(json.dumps(stats) + "\n")
                 log.flush()  # readable while the run goes on (tail -f)
                 bar.set_postfix(loss=f"{total:.3f}", lr=f"{stats['lr']:.1e}", tok_s=f"{tps:.0f}",
-                                **({"mfu": f"{stats['mfu']:.1%}"} if peak else {}))
+                                **({"mfu": f"{stats['mfu']:.1%}"} if peak else {}),
+                                **({"bad_images": images.failed} if images.failed else {}))
                 bar.update(1)
             if cfg.save_every and step % cfg.save_every == 0:
                 save_state()

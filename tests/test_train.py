@@ -187,3 +187,23 @@ def test_mismatched_resume_is_refused(synth, stage0, tmp_path):
     run(*common, "--steps", "1", "--out-dir", str(tmp_path))
     p = run(*common, "--steps", "1", "--lora-r", "4", "--out-dir", str(tmp_path), "--resume", check=False)
     assert p.returncode != 0 and "lora_r" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_missing_and_corrupt_images_skip_their_samples(tmp_path, synth, tok):
+    import random as _random
+    import train
+    from vit import ImageTransform
+
+    good = sorted((synth / "images").glob("s_*.png"))[:2]
+    (tmp_path / "corrupt.png").write_bytes(good[0].read_bytes()[:60])  # a truncated PNG
+    lines = [{"image": str(good[0]), "caption": "a red circle."}, {"image": "nowhere.png", "caption": "a blue square."},
+             {"image": str(tmp_path / "corrupt.png"), "caption": "a green triangle."},
+             {"image": str(good[1]), "caption": "a yellow square."}, "not json"]
+    (tmp_path / "c.jsonl").write_text("\n".join(l if isinstance(l, str) else json.dumps(l) for l in lines) + "\n")
+    with pytest.warns(UserWarning) as caught:
+        samples = data.load_training_samples(tmp_path / "c.jsonl", 1, tok, 17, 64)
+    text = " ".join(str(w.message) for w in caught)
+    assert len(samples) == 3 and "1 malformed" in text and "1 samples whose image file is missing" in text
+    cache = train.ImageCache(ImageTransform(32), augment=False)
+    ids, labels, pixels = train.collate(samples, cache, _random.Random(0), "cpu")
+    assert ids.shape[0] == 2 and pixels.shape == (2, 3, 32, 32) and cache.failed == 1
