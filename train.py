@@ -37,7 +37,7 @@ from vit import VisionTransformer
 
 @dataclass
 class TrainConfig:
-    stage: str = "all"  # 0, 1, 2 or all (0, 1, 2 in turn)
+    stage: str = "all"  # 0, 1, 2, all (0, 1, 2 in turn), or eval (answer --heldout with the --init checkpoint)
     out_dir: str = "runs/owl-tiny"  # each stage writes out_dir/stageN
     data_dir: str = "data/synth"  # where `python data.py synth` wrote the tiny run's data
     data: tuple = ()  # PATH or PATH:WEIGHT, repeatable; default: the stage's files in data_dir
@@ -62,7 +62,8 @@ class TrainConfig:
     augment: bool = False  # stage-1 RandomResizedCrop + flip, as the official recipe (flips break left/right answers)
     grad_checkpointing: bool = False  # recompute f_V / f_L activations in backward to save memory
     eval_every: int = 0  # validation loss every N steps; 0 = at the end only
-    eval_samples: int = 400  # held-out questions answered at the end of stage 2
+    eval_samples: int = 1000  # held-out questions answered at the end of stage 2 (balanced over kinds)
+    heldout: str = ""  # held-out questions (JSONL as data.py writes); default: data_dir/heldout.jsonl
     save_every: int = 0  # train_state.pt every N steps; 0 = at the end only
     resume: bool = False  # continue from out_dir/stageN/train_state.pt (same settings required)
     seed: int = 1337  # seeds the initialisation, the data order and dropout
@@ -90,8 +91,10 @@ def parse_args(argv=None) -> TrainConfig:
                            help=f"{comments.get(name, '')} (default: {f.default!r})".replace("%", "%%"))
     args = p.parse_args(argv)
     cfg = TrainConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in vars(args).items()})
-    if cfg.stage not in ("0", "1", "2", "all"):
-        p.error("--stage must be 0, 1, 2 or all")
+    if cfg.stage not in ("0", "1", "2", "all", "eval"):
+        p.error("--stage must be 0, 1, 2, all or eval")
+    if cfg.stage == "eval" and not cfg.init:
+        p.error("--stage eval needs --init CHECKPOINT")
     return cfg
 
 
@@ -445,8 +448,9 @@ def train_stage(cfg: TrainConfig, stage: int, rank: int, world: int, device: str
         log.close()
         export(model, stage, out, tok_path, cfg)
         plot_losses(out / "metrics.jsonl", out / "loss.png")
-        if stage == 2 and (Path(cfg.data_dir) / "heldout.jsonl").exists():
-            evaluate(out, Path(cfg.data_dir) / "heldout.jsonl", cfg.eval_samples, device)
+        heldout = Path(cfg.heldout or Path(cfg.data_dir) / "heldout.jsonl")
+        if stage == 2 and heldout.exists():
+            evaluate(out, heldout, cfg.eval_samples, device)
     return out
 
 
@@ -495,15 +499,18 @@ def evaluate(ckpt: Path, heldout: Path, limit: int, device: str) -> dict:
     kinds = sorted({r["kind"] for r in rows})
     per_kind = max(1, limit // len(kinds))
     rows = [r for k in kinds for r in [r for r in rows if r["kind"] == k][:per_kind]]
-    results = []
+    results, answers = [], []
     for r in tqdm(rows, desc="held-out", dynamic_ncols=True):
         paths = [str(heldout.parent / p) for p in r["image"]]
         pixels = torch.stack([load_image(p, model.image_transform) for p in paths])
         ids = model.prompt_ids(render_prompt(r["question"], len(paths)))
         answer = model.tokenizer.decode(list(model.generate(ids, pixels, max_new_tokens=48)))
         results.append((r["kind"], data.score_answer(r["kind"], answer, r["target"])))
+        answers.append({**r, "answer": answer, "correct": results[-1][1]})
     table = data.accuracy_table(results)
-    (ckpt / "heldout_accuracy.json").write_text(json.dumps(table, indent=2))
+    # named after the held-out folder, so several test sets can be kept side by side
+    (ckpt / f"accuracy_{heldout.parent.name}.json").write_text(json.dumps(table, indent=2))
+    (ckpt / f"answers_{heldout.parent.name}.jsonl").write_text("".join(json.dumps(a) + "\n" for a in answers))
     print("held-out accuracy: " + ", ".join(f"{k} {c}/{n} = {c / max(1, n):.1%}" for k, (c, n) in table.items()),
           file=sys.stderr)
     return table
@@ -532,6 +539,10 @@ def plot_losses(metrics: Path, png: Path) -> None:
 
 def main(argv=None) -> None:
     cfg = parse_args(argv)
+    if cfg.stage == "eval":
+        device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        evaluate(Path(cfg.init), Path(cfg.heldout or Path(cfg.data_dir) / "heldout.jsonl"), cfg.eval_samples, device)
+        return
     rank, world, device = setup_distributed(cfg)
     try:
         stages = [0, 1, 2] if cfg.stage == "all" else [int(cfg.stage)]

@@ -1,0 +1,82 @@
+"""Held-out questions on images drawn by other code than data.py: numpy masks instead of PIL's drawing, pure
+saturated colours, isosceles triangles, other canvas sizes and placements. It checks that the tiny Owl learned
+colours, shapes, counts and positions, not data.py's way of drawing them.
+
+    python tests/foreign_heldout.py --out data/foreign
+    python train.py --stage eval --init runs/owl-tiny/stage2 --heldout data/foreign/heldout.jsonl
+"""
+import argparse
+import json
+import os
+import random
+
+import numpy as np
+from PIL import Image
+
+COLORS = {"red": (255, 0, 0), "green": (0, 170, 0), "blue": (0, 0, 255), "yellow": (255, 215, 0)}
+SPOTS = {"left": (0.22, 0.5), "right": (0.78, 0.5), "top": (0.5, 0.22), "bottom": (0.5, 0.78)}
+QUESTIONS = {"color": "What color is the shape?", "shape": "What shape is it?", "count": "How many shapes are there?",
+             "position": "Where is the {color} {shape}?", "describe": "Describe the image."}
+
+
+def mask(shape, w, h, cx, cy, r):
+    y, x = np.mgrid[0:h, 0:w]
+    if shape == "circle":
+        return (x - cx) ** 2 + (y - cy) ** 2 <= r * r
+    if shape == "square":
+        return (abs(x - cx) <= r * 0.85) & (abs(y - cy) <= r * 0.85)
+    # isosceles triangle, apex up: inside when below the two slanted edges and above the base
+    top, base = cy - r, cy + r * 0.8
+    half_width = (y - top) / (base - top) * r
+    return (y >= top) & (y <= base) & (abs(x - cx) <= half_width)
+
+
+def scene_image(rng):
+    w, h = rng.choice([(100, 100), (160, 120), (200, 200), (240, 180), (300, 300), (128, 160)])
+    n = rng.randint(1, 4)
+    spots = rng.sample(list(SPOTS), n)
+    pairs = rng.sample([(c, s) for c in COLORS for s in ("circle", "square", "triangle")], n)
+    bg = rng.choice([(255, 255, 255), (245, 245, 245), (250, 245, 235), (235, 240, 250)])
+    img = np.zeros((h, w, 3), dtype=np.uint8) + np.array(bg, dtype=np.uint8)
+    shapes = []
+    for (color, shape), spot in zip(pairs, spots):
+        r = min(w, h) * rng.uniform(0.09, 0.13)
+        cx = SPOTS[spot][0] * w + rng.uniform(-0.04, 0.04) * w
+        cy = SPOTS[spot][1] * h + rng.uniform(-0.04, 0.04) * h
+        img[mask(shape, w, h, cx, cy, r)] = COLORS[color]
+        shapes.append({"color": color, "shape": shape, "position": spot})
+    return Image.fromarray(img), shapes
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="folder for images/ and heldout.jsonl")
+    p.add_argument("--n", type=int, default=500, help="number of questions (balanced over the five kinds)")
+    p.add_argument("--seed", type=int, default=2024, help="random seed")
+    args = p.parse_args()
+    rng = random.Random(args.seed)
+    os.makedirs(os.path.join(args.out, "images"), exist_ok=True)
+    rows = []
+    for i in range(args.n):
+        kind = ("color", "shape", "count", "position", "describe")[i % 5]
+        while True:
+            img, shapes = scene_image(rng)
+            if kind not in ("color", "shape") or len(shapes) == 1:
+                break
+        name = f"images/f_{i:05d}.png"
+        img.save(os.path.join(args.out, name))
+        target = {"count": len(shapes), "shapes": shapes}
+        if kind in ("color", "shape"):
+            target.update(color=shapes[0]["color"], shape=shapes[0]["shape"])
+        if kind == "position":
+            s = rng.choice(shapes)
+            target.update(color=s["color"], shape=s["shape"], position=s["position"])
+        question = QUESTIONS[kind].format(color=target.get("color"), shape=target.get("shape"))
+        rows.append({"image": [name], "question": question, "kind": kind, "target": target})
+    with open(os.path.join(args.out, "heldout.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    print(f"wrote {len(rows)} questions to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
