@@ -121,8 +121,14 @@ def _counted(n):
     return {"n": n, "are": "is" if n == 1 else "are", "shapes": "shape" if n == 1 else "shapes"}
 
 
+READING_ORDER = ("top", "left", "right", "bottom")
+
+
 def caption(scene, rng):
-    items = [f"a {s['color']} {s['shape']} at the {s['position']}" for s in scene["shapes"]]
+    """Shapes listed in reading order (top, left, right, bottom): what an image shows then fixes its caption's
+    content, and the model is not asked to guess an arbitrary order."""
+    shapes = sorted(scene["shapes"], key=lambda s: READING_ORDER.index(s["position"]))
+    items = [f"a {s['color']} {s['shape']} at the {s['position']}" for s in shapes]
     items = items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
     return rng.choice(CAPTIONS).format(items=items, **_counted(len(scene["shapes"])))
 
@@ -211,6 +217,13 @@ def synth(out, seed=0, n_train=12000, n_owl=8000, n_llava=4000, n_alpaca=600, n_
         records.append({"image": name, **scenes[-1]})
         stage1.append({"image": name, "caption": caption(scenes[-1], rng)})
     corpus += [r["caption"] for r in stage1]
+    # Text that asks about a scene described earlier in the same line: the tiny f_L learns to read facts from its
+    # context, which is what it must later do with the visual tokens (a real LLM brings this skill along).
+    crng = random.Random(f"corpus/{seed}")
+    for scene, record in zip(scenes, stage1):
+        kinds = ["count", "position", "describe"] + (["color", "shape"] if len(scene["shapes"]) == 1 else [])
+        question, answer, _ = ask(crng.choice(kinds), scene, crng)
+        corpus.append(f"{record['caption']} {question} {answer}")
 
     rng = random.Random(f"stage2/{seed}")
     owl, llava = [], []
