@@ -175,9 +175,12 @@ def build_model(cfg: TrainConfig, stage: int, tokenizer: Tokenizer, device, dtyp
     return model
 
 
-def find_tokenizer(cfg: TrainConfig) -> Path:
+def find_tokenizer(cfg: TrainConfig, stage: int) -> Path:
+    """The tokenizer of the model a stage starts from: the checkpoint's own, else the data's (a fresh run)."""
+    prev = Path(cfg.out_dir) / f"stage{stage - 1}" / "tokenizer.model"
     for cand in (cfg.tokenizer, cfg.init and Path(cfg.init) / "tokenizer.model",
-                 cfg.llm_init and Path(cfg.llm_init) / "tokenizer.model", Path(cfg.data_dir) / "tokenizer.model"):
+                 cfg.llm_init and Path(cfg.llm_init) / "tokenizer.model", stage > 0 and prev,
+                 Path(cfg.data_dir) / "tokenizer.model"):
         if cand and Path(cand).exists():
             return Path(cand)
     sys.exit("train: no tokenizer.model found; pass --tokenizer, or run `python data.py synth` first")
@@ -319,7 +322,7 @@ def train_stage(cfg: TrainConfig, stage: int, rank: int, world: int, device: str
     dtype = getattr(torch, cfg.dtype) if cfg.dtype else (torch.bfloat16 if on_cuda else torch.float32)
     torch.manual_seed(cfg.seed + stage)
 
-    tok_path = find_tokenizer(cfg)
+    tok_path = find_tokenizer(cfg, stage)
     tokenizer = Tokenizer(tok_path)
     model = build_model(cfg, stage, tokenizer, device, dtype)
     is_llm = isinstance(model, Llama)
