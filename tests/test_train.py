@@ -122,7 +122,8 @@ def test_each_stage_changes_exactly_what_it_trains(synth, stage0):
     p = subprocess.run([sys.executable, str(ROOT / "owl.py"), "--checkpoint", str(stage0 / "stage2"), "--image",
                         str(img), "--prompt", "What shape is it?", "--max-new-tokens", "8", "--temperature", "0"],
                        cwd=ROOT, env=ENV, capture_output=True, text=True)
-    assert p.returncode == 0 and p.stdout.strip(), p.stderr
+    # a 3-step model may well answer with EOS at once: what matters is that the exported folder runs end to end
+    assert p.returncode == 0 and p.stdout.endswith("\n") and "Traceback" not in p.stderr, p.stderr
     assert (stage0 / "stage2" / "lora.safetensors").exists()
 
 
