@@ -16,7 +16,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from conftest import tiny_owl
-from owl import Owl, render_prompt
+from owl import Owl, render_prompt, render_turn
 
 ROOT = Path(__file__).resolve().parent.parent
 QUESTION = "What is in the picture?"
@@ -157,3 +157,16 @@ def test_cli_bad_input_exits_2_with_one_sentence_and_no_traceback(files, runs, c
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1, r.stderr
     assert all(thing in lines[0] for thing in must_mention), lines[0]
+
+
+def test_cli_without_prompt_chats_with_history_in_the_template(files):
+    """Two questions on stdin: the second is answered with the first turn and its answer in the prompt."""
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8", "OMP_NUM_THREADS": "1"}
+    q1, q2 = QUESTION, "And what else?"
+    r = subprocess.run([sys.executable, "owl.py", "--checkpoint", str(files / "ckpt"), "--image",
+                        str(files / "img0.png"), *GREEDY], cwd=ROOT, env=env, input=f"{q1}\n{q2}\n",
+                       capture_output=True, text=True, encoding="utf-8", timeout=120)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    a1 = greedy_answer(files / "ckpt", render_prompt(q1, 1), [files / "img0.png"])
+    a2 = greedy_answer(files / "ckpt", render_prompt(q1, 1) + a1 + render_turn(q2), [files / "img0.png"])
+    assert r.stdout == f"{a1}\n{a2}\n"
