@@ -378,10 +378,9 @@ def train_stage(cfg: TrainConfig, stage: int, rank: int, world: int, device: str
                          "step": step, "rng": torch.get_rng_state()}, state_path)
 
     model.train()
-    frozen = {1: [] if is_llm else [model.language_model], 2: []}.get(stage, [])
-    if stage == 2:
-        frozen = [model.vision_model] + ([model.abstractor] if cfg.freeze_abstractor else [])
-    for part in frozen:
+    frozen = {0: [], 1: [getattr(model, "language_model", None)],
+              2: [getattr(model, "vision_model", None)] + ([model.abstractor] if cfg.freeze_abstractor else [])}[stage]
+    for part in filter(None, frozen):
         part.eval()  # a frozen part runs as at inference: no dropout
     bar = tqdm(total=cfg.steps, initial=step, disable=not master, desc=f"stage {stage}", dynamic_ncols=True)
     log = open(out / "metrics.jsonl", "a") if master else None
