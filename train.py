@@ -383,7 +383,7 @@ def train_stage(cfg: TrainConfig, stage: int, rank: int, world: int, device: str
     for part in filter(None, frozen):
         part.eval()  # a frozen part runs as at inference: no dropout
     bar = tqdm(total=cfg.steps, initial=step, disable=not master, desc=f"stage {stage}", dynamic_ncols=True)
-    log = open(out / "metrics.jsonl", "a") if master else None
+    log = open(out / "metrics.jsonl", "a" if step else "w") if master else None  # a fresh run starts a fresh log
     try:
         while step < cfg.steps and not stop["now"]:
             t0 = time.time()
