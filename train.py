@@ -50,6 +50,7 @@ class TrainConfig:
     batch_size: int = 0  # global batch (samples per optimizer step, all ranks); 0 = the stage's default
     micro_batch: int = 0  # samples per forward pass on one rank; 0 = the whole per-rank batch
     lr: float = 0.0  # peak learning rate; 0 = the stage's default
+    abstractor_lr_scale: float = 3.0  # f_K's lr as a multiple of --lr (1 = one lr for all, as released)
     warmup: int = 0  # warm-up steps (linear), then cosine to lr/10; 0 = 5% of the steps
     weight_decay: float = 0.01  # AdamW decoupled weight decay on matrices (not on norms, biases, queries)
     grad_clip: float = 1.0  # clip the global gradient norm to this
@@ -283,7 +284,7 @@ def trainable_state(model) -> dict:
 
 def run_signature(cfg: TrainConfig, stage: int, model_cfg: dict) -> dict:
     """What must match for --resume to continue a run: the stage, the model and the optimisation settings."""
-    keep = ("steps", "batch_size", "lr", "seq_len", "lora_r", "lora_alpha", "lora_targets", "freeze_abstractor",
+    keep = ("steps", "batch_size", "lr", "abstractor_lr_scale", "seq_len", "lora_r", "lora_alpha", "lora_targets", "freeze_abstractor",
             "seed", "weight_decay", "warmup")
     return {"stage": stage, "model": model_cfg, **{k: getattr(cfg, k) for k in keep}}
 
@@ -334,11 +335,15 @@ def train_stage(cfg: TrainConfig, stage: int, rank: int, world: int, device: str
     transform = None if is_llm else model.image_transform
     images = ImageCache(transform, cfg.augment and stage == 1)
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95),
-                            fused=on_cuda)
+    # The tiny run's from-scratch f_V is unstable above lr 1e-3, while f_K learns faster at a higher rate (measured:
+    # position accuracy of stage-1 captions 51% -> 99% with f_K at 3x), hence a separate scale for f_K.
+    in_fk = {id(p) for p in model.abstractor.parameters()} if isinstance(model, Owl) else set()
+    groups = []
+    for fk, scale in ((False, 1.0), (True, cfg.abstractor_lr_scale)):
+        mine = [p for p in params if (id(p) in in_fk) == fk]
+        groups += [{"params": [p for p in mine if p.dim() >= 2], "weight_decay": cfg.weight_decay, "lr_scale": scale},
+                   {"params": [p for p in mine if p.dim() < 2], "weight_decay": 0.0, "lr_scale": scale}]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.95), fused=on_cuda)
     model_cfg = asdict(model.cfg)
     signature = run_signature(cfg, stage, model_cfg)
     step, state_path = 0, out / "train_state.pt"
@@ -393,7 +398,7 @@ def train_stage(cfg: TrainConfig, stage: int, rank: int, world: int, device: str
             mine = sorted(batch[rank * per_rank: (rank + 1) * per_rank], key=lambda s: len(s.ids))
             rng = random.Random(cfg.seed * 1000003 + step * world + rank)
             for g in opt.param_groups:
-                g["lr"] = lr_at(step, cfg)
+                g["lr"] = lr_at(step, cfg) * g["lr_scale"]
             total, tokens = 0.0, 0
             for i in range(0, per_rank, micro):
                 last = i + micro >= per_rank
