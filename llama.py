@@ -9,7 +9,6 @@ Module names equal HF's LlamaForCausalLM keys, so an HF checkpoint loads one to 
 layout). Meta's original `consolidated.*.pth` layout is converted on load (the q/k row permutation).
 """
 import json
-import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 from contextlib import nullcontext

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 import data
 import lora
-from llama import Llama, LlamaConfig, Tokenizer, build_empty, iter_tensors, load_into
+from llama import Llama, Tokenizer
 from owl import Owl, OwlConfig, render_prompt
 from vit import VisionTransformer
 
