@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, fields
 from pathlib import Path
 from contextlib import nullcontext
-from typing import Iterator, Optional
+from typing import Iterator, List, Optional
 
 import torch
 import torch.nn as nn
@@ -188,8 +188,9 @@ class Llama(nn.Module):
         positions, for left-padded batches; mask: a boolean attention mask (B, 1, T, start_pos + T), True = attend."""
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         T = x.shape[1]
-        if start_pos + T > self.cfg.max_position_embeddings:
-            raise ValueError(f"sequence of {start_pos + T} tokens exceeds the context of {self.cfg.max_position_embeddings}")
+        end = start_pos + T if positions is None else int(positions.max()) + 1  # left pads hold no position
+        if end > self.cfg.max_position_embeddings:
+            raise ValueError(f"sequence of {end} tokens exceeds the context of {self.cfg.max_position_embeddings}")
         cos, sin = self.rope(x.device)
         if positions is None:
             cos, sin = cos[start_pos: start_pos + T][None, None], sin[start_pos: start_pos + T][None, None]
@@ -234,6 +235,50 @@ class Llama(nn.Module):
                 logits = self(torch.tensor([[token]], device=x.device), start_pos=T + i)[:, -1]
         finally:
             self.clear_cache()
+
+    @torch.inference_mode()
+    def generate_batch(self, inputs_embeds: torch.Tensor, lengths: List[int], max_new_tokens: int = 32,
+                       eos_id: int = 2, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                       generator=None) -> List[List[int]]:
+        """The new token ids of several sequences at once. inputs_embeds (B, T, hidden) is left-padded: row b's real
+        tokens are its last lengths[b]. Each row's RoPE positions start at 0 at its first real token, and no query
+        ever sees a pad, in the prefill and at every step, so a row's answer is what `generate` gives it alone
+        (greedy: token for token; sampling draws the rows in turn, so the random stream differs). A row stops after
+        EOS, at max_new_tokens or at the context, and leaves the batch; the batch stops when no row is left."""
+        B, T, _ = inputs_embeds.shape
+        device, context = inputs_embeds.device, self.cfg.max_position_embeddings
+        real = torch.arange(T, device=device)[None] >= T - torch.tensor(lengths, device=device)[:, None]  # (B, T)
+        positions = (real.cumsum(1) - 1).clamp(min=0)  # (B, T): 0 at each row's first real token
+        causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+        # a pad query sees only itself: a query that sees nothing would make NaNs, and NaNs leak through 0 weights
+        mask = (causal & real[:, None, :]) | torch.eye(T, dtype=torch.bool, device=device)  # (B, T, T)
+        self.setup_cache(B, T + min(max_new_tokens, context - min(lengths)))
+        answers, rows = [[] for _ in range(B)], list(range(B))  # rows: the rows still in the batch, in cache order
+        try:
+            logits = self(inputs_embeds=inputs_embeds, positions=positions, mask=mask[:, None])[:, -1]  # (B, vocab)
+            for i in range(max_new_tokens):
+                tokens = [sample(logits[j: j + 1], temperature, top_k, top_p, generator) for j in range(len(rows))]
+                for row, token in zip(rows, tokens):
+                    answers[row].append(token)
+                keep = [j for j, token in enumerate(tokens) if token != eos_id and lengths[j] + i + 1 < context]
+                if not keep or i + 1 == max_new_tokens:
+                    break
+                if len(keep) < len(rows):  # finished rows leave the batch and its cache
+                    rows, tokens, lengths = ([seq[j] for j in keep] for seq in (rows, tokens, lengths))
+                    real = real[keep]
+                    self._keep_cache_rows(torch.tensor(keep, device=device))
+                real = torch.cat([real, real.new_ones(len(rows), 1)], dim=1)  # (B', T + i + 1)
+                positions = torch.tensor(lengths, device=device)[:, None] + i  # (B', 1)
+                logits = self(torch.tensor(tokens, device=device)[:, None], start_pos=T + i, positions=positions,
+                              mask=real[:, None, None, :])[:, -1]
+        finally:
+            self.clear_cache()
+        return answers
+
+    def _keep_cache_rows(self, keep: torch.Tensor) -> None:
+        for layer in self.model.layers:
+            a = layer.self_attn
+            a.cache_k, a.cache_v = a.cache_k[keep], a.cache_v[keep]
 
     def init_weights(self, std: float = 0.02) -> None:
         for m in self.modules():

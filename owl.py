@@ -8,7 +8,9 @@ The visual tokens of each image replace the embeddings of its placeholders, in o
 the result as if it were text. This file joins the three parts, owns the prompt (the template, the chunk-wise
 tokenisation and the image placeholders), reads and writes the official checkpoint format, and is the CLI:
 
-    python owl.py --checkpoint DIR --image x.jpg --prompt "What is in the picture?"
+    python owl.py --checkpoint DIR --image x.jpg --prompt "What is in the picture?"   # one answer, streamed
+    python owl.py --checkpoint DIR --image x.jpg                                      # a chat
+    python owl.py --checkpoint DIR --questions questions.jsonl                        # a file, in batches
 """
 import argparse
 import json
@@ -16,12 +18,15 @@ import pickle
 import re
 import shutil
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, List, Optional
 
+import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from safetensors import SafetensorError
 
 from abstractor import AbstractorConfig, VisualAbstractor
@@ -165,6 +170,23 @@ class Owl(nn.Module):
                                                 eos_id=self.tokenizer.eos_id, temperature=temperature, top_k=top_k,
                                                 top_p=top_p, generator=generator)
 
+    @torch.inference_mode()
+    def generate_batch(self, prompts: List[tuple], max_new_tokens: int = 512, temperature: float = 0.0,
+                       top_k: int = 0, top_p: float = 1.0, generator=None) -> List[List[int]]:
+        """The answers' token ids for several prompts at once; prompts: (ids, pixels or None) pairs as `generate`
+        takes them. The ids are left-padded into one batch (f_L hides the pads), every image in prompt order."""
+        context = self.cfg.text.max_position_embeddings
+        for ids, _ in prompts:
+            if len(ids) >= context:
+                raise ValueError(f"a prompt is {len(ids)} tokens long, more than the context of {context} tokens")
+        device = self.language_model.lm_head.weight.device
+        T = max(len(ids) for ids, _ in prompts)
+        padded = torch.tensor([[self.tokenizer.pad_id] * (T - len(ids)) + ids for ids, _ in prompts], device=device)
+        images = [pixels for _, pixels in prompts if pixels is not None and len(pixels)]
+        embeds = self.embed(padded, torch.cat(images).to(device) if images else None)  # (B, T, D)
+        return self.language_model.generate_batch(embeds, [len(ids) for ids, _ in prompts], max_new_tokens,
+                                                  self.tokenizer.eos_id, temperature, top_k, top_p, generator)
+
     def prompt_ids(self, text: str) -> List[int]:
         return [self.tokenizer.bos_id] + tokenize(self.tokenizer, text, self.cfg.tokens_per_image)
 
@@ -264,23 +286,38 @@ class UserError(Exception):
     """A problem with the user's input: reported as one sentence and exit status 2, never a traceback."""
 
 
-def load_image(path: str, transform: ImageTransform) -> torch.Tensor:
+MAX_PIXELS = 40_000_000  # larger images are refused from their header, before a pixel is decoded
+
+
+def load_image(path: str, transform: ImageTransform, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
     from PIL import Image, UnidentifiedImageError
 
     p = Path(path)
     if not p.is_file():
         raise UserError(f"image file {path} does not exist")
+    # Image.open reads only the header. PIL's own decompression-bomb check would warn or fail there in its own words
+    # (above 89 and 179 megapixels); Owl's limit replaces it, so it is off while the header is read.
+    pil_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
     try:
         with Image.open(p) as img:
+            w, h = img.size
+            if w * h > max_pixels:
+                raise UserError(f"{path} is {w}x{h} pixels, more than the limit of {max_pixels} (--max-pixels)")
             img.load()
             return transform(img)
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
         raise UserError(f"{path} is not an image Owl can read ({type(e).__name__})") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = pil_limit
 
 
-def stream_answer(model: Owl, ids: List[int], pixels, args, out=sys.stdout) -> List[int]:
-    """Generate and print the answer as it grows; returns the answer's token ids."""
-    gen = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
+def seeded_generator(args) -> Optional[torch.Generator]:
+    return torch.Generator().manual_seed(args.seed) if args.seed is not None else None
+
+
+def stream_answer(model: Owl, ids: List[int], pixels, args, out=None) -> List[int]:
+    """Generate and print the answer as it grows (to stdout unless out is given); returns the answer's token ids."""
+    out, gen = out or sys.stdout, seeded_generator(args)
     new, shown = [], ""
     for token in model.generate(ids, pixels, args.max_new_tokens, args.temperature, args.top_k, args.top_p, gen):
         new.append(token)
@@ -296,34 +333,269 @@ def stream_answer(model: Owl, ids: List[int], pixels, args, out=sys.stdout) -> L
     return new
 
 
-def chat(model: Owl, pixels, args) -> None:
-    """Interactive multi-turn chat about the given images; the history is kept in the template."""
-    history, pending_images = SYSTEM, 0 if pixels is None else len(pixels)
-    print("Chat with Owl about the image(s). End with Ctrl-D.", file=sys.stderr)
-    for line in sys.stdin:
-        question = line.strip()
-        if not question:
+@dataclass
+class Turn:
+    """One exchange of a chat: the question, the images shown with it (each (3, S, S)), the answer."""
+    question: str
+    images: list
+    answer: str = ""
+
+
+def chat_prompt(turns: List[Turn]) -> str:
+    """The conversation in the canonical template: SYSTEM, then each turn and its answer (the last one still empty)."""
+    return SYSTEM + "".join(render_turn(t.question, len(t.images)) + t.answer for t in turns)
+
+
+def turns_to_drop(model: Owl, history: List[Turn], turn: Turn, room: int) -> Optional[int]:
+    """How many of the oldest turns must go so the prompt leaves `room` tokens of the context for the answer; None
+    if even the new turn alone does not fit."""
+    for dropped in range(len(history) + 1):
+        ids = model.prompt_ids(chat_prompt(history[dropped:] + [turn]))
+        if len(ids) + room < model.cfg.text.max_position_embeddings:
+            return dropped
+    return None
+
+
+CHAT_HELP = "/image PATH adds an image to your next question, /reset starts over, /quit (or Ctrl-D) ends"
+
+
+def notice(text: str) -> None:
+    print(f"owl: {text}", file=sys.stderr)
+
+
+def chat(model: Owl, pixels, args, lines=None) -> None:
+    """Interactive multi-turn chat on stdin (or lines); the history is kept in the template, each turn with the
+    images shown at it. The --image images belong to the first question. A user's mistake (a bad /image path, a
+    question too long for the context) is reported in one sentence and the chat goes on."""
+    history, pending = [], [] if pixels is None else list(pixels)
+    notice(f"chat about your images: {CHAT_HELP}.")
+    for line in sys.stdin if lines is None else lines:
+        command, _, rest = line.strip().partition(" ")
+        if not command:
             continue
-        prompt = history + render_turn(question, pending_images)
-        pending_images = 0
-        ids = model.prompt_ids(prompt)
-        if len(ids) >= model.cfg.text.max_position_embeddings:
-            raise UserError("the conversation is longer than the model's context")
-        answer = model.tokenizer.decode(stream_answer(model, ids, pixels, args))
-        history = prompt + answer
+        if command == "/quit":
+            return
+        if command == "/reset":
+            history, pending = [], []
+            notice("the conversation and its images are forgotten.")
+        elif command == "/image":
+            try:
+                if not rest.strip():
+                    raise UserError("/image needs a path")
+                pending.append(load_image(rest.strip(), model.image_transform, args.max_pixels))
+            except UserError as e:
+                notice(f"{e}; the chat goes on without it.")
+        elif command.startswith("/"):
+            notice(f"unknown command {command}: {CHAT_HELP}.")
+        else:
+            answered = chat_turn(model, history, Turn(line.strip(), pending), args)
+            if answered is not None:
+                history, pending = answered, []
+
+
+def chat_turn(model: Owl, history: List[Turn], turn: Turn, args) -> Optional[List[Turn]]:
+    """Answer one turn (streamed) and return the history with it. When the history and room for the answer
+    outgrow the context, the oldest turns and their images are forgotten, with a notice; when the turn alone does
+    not fit, it is not asked (None)."""
+    context = model.cfg.text.max_position_embeddings
+    dropped = turns_to_drop(model, history, turn, room=min(args.max_new_tokens, context // 4))
+    if dropped is None:
+        notice(f"this question and its images do not fit in the context of {context} tokens; ask a shorter one.")
+        return None
+    if dropped:
+        notice(f"the conversation outgrew the context of {context} tokens: the oldest {dropped} turn(s) and their "
+               f"{sum(len(t.images) for t in history[:dropped])} image(s) are forgotten.")
+    history = history[dropped:] + [turn]
+    images = [image for t in history for image in t.images]  # in the order of their <image> lines
+    pixels = torch.stack(images) if images else None
+    turn.answer = model.tokenizer.decode(stream_answer(model, model.prompt_ids(chat_prompt(history)), pixels, args))
+    return history
+
+
+@dataclass
+class Question:
+    """One line of a questions file: its number, its image paths as written, its question."""
+    line: int
+    images: List[str]
+    prompt: str
+
+
+def read_questions(path: str) -> List[Question]:
+    """Every line of a JSONL questions file, {"image": [paths], "prompt": "..."}, checked before anything is
+    generated: a malformed line is an error that names its number. Blank lines are skipped."""
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"questions file {path} does not exist")
+    questions = []
+    for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError:
+            raise UserError(f"line {n} of {path} is not valid JSON") from None
+        where = f"line {n} of {path}"
+        if not isinstance(item, dict) or not isinstance(item.get("prompt"), str) or not item["prompt"].strip():
+            raise UserError(f'{where} has no "prompt" string')
+        images = item.get("image") or []
+        if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
+            raise UserError(f'{where} has an "image" that is not a list of paths')
+        if IMAGE in item["prompt"]:
+            raise UserError(f'{where} has {IMAGE} in its prompt; its images are placed from "image"')
+        questions.append(Question(n, images, item["prompt"]))
+    if not questions:
+        raise UserError(f"questions file {path} holds no questions")
+    return questions
+
+
+def answer_questions(model: Owl, path: str, args) -> None:
+    """Answer a questions file in batches of --batch-size, one JSON line per question, in the file's order. Image
+    paths are relative to the file's folder. Every prompt is tokenised and every image found before the first batch."""
+    questions, folder = read_questions(path), Path(path).parent
+    context = model.cfg.text.max_position_embeddings
+    ids = [model.prompt_ids(render_prompt(q.prompt, len(q.images))) for q in questions]
+    for q, q_ids in zip(questions, ids):
+        if len(q_ids) >= context:
+            raise UserError(f"line {q.line} of {path} is {len(q_ids)} tokens long, more than the context of {context}")
+        missing = [i for i in q.images if not (folder / i).is_file()]
+        if missing:
+            raise UserError(f"line {q.line} of {path} names image file {missing[0]}, which does not exist")
+    gen = seeded_generator(args)
+    for start in range(0, len(questions), args.batch_size):
+        batch = list(zip(questions, ids))[start: start + args.batch_size]
+        prompts = []
+        for q, q_ids in batch:
+            try:
+                prompts.append((q_ids, load_images([folder / i for i in q.images], model, args)))
+            except UserError as e:  # an unreadable image is found only now: the answers so far are out already
+                raise UserError(f"line {q.line} of {path}: {e}") from None
+        answers = model.generate_batch(prompts, args.max_new_tokens, args.temperature, args.top_k, args.top_p, gen)
+        for (q, _), answer in zip(batch, answers):
+            record = {"image": q.images, "prompt": q.prompt, "answer": model.tokenizer.decode(answer)}
+            sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
+        sys.stdout.flush()
+
+
+def load_images(paths: list, model: Owl, args) -> Optional[torch.Tensor]:
+    """(N, 3, S, S) pixels of the images, or None for none."""
+    if not paths:
+        return None
+    return torch.stack([load_image(str(p), model.image_transform, args.max_pixels) for p in paths])
+
+
+def answer_json(model: Owl, ids: List[int], pixels, args, timings: dict) -> None:
+    """--json: generate without streaming, then print the answer, the token counts and the timings (seconds) as one
+    JSON object. prompt_tokens counts every position of the prompt, image_tokens the visual ones among them;
+    first_token_s includes encoding the images and reading the prompt."""
+    start, first, new = time.perf_counter(), None, []
+    for token in model.generate(ids, pixels, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                                seeded_generator(args)):
+        if first is None:
+            first = time.perf_counter() - start
+        new.append(token)
+    total = time.perf_counter() - start
+    record = {"answer": model.tokenizer.decode(new), "prompt_tokens": len(ids),
+              "image_tokens": sum(i == IMAGE_ID for i in ids), "generated_tokens": len(new),
+              **timings, "first_token_s": first, "generate_s": total, "tokens_per_s": len(new) / total}
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}, ensure_ascii=False))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Where f_K's learnable queries look (--show-attention)
+
+PANEL, CAPTION, COLUMNS = 224, 16, 3  # pixels of a panel's picture and of its caption strip; panels per row
+SINGLE_QUERIES = 4  # single queries with a panel of their own, evenly spaced over all queries
+
+
+def attention_maps(model: Owl, pixels: torch.Tensor) -> tuple:
+    """Where the abstractor's queries look in the first image of pixels (N, 3, S, S): the attention weights of f_K's
+    LAST layer over the image's patches, averaged over that layer's heads, as (grid, grid) maps. That attention's
+    keys are the queries themselves, then f_V's CLS token, then the patches in row-major order; only the patches
+    are kept, so a map sums to the share of attention the patches get, not to 1. Returns the maps, the mean over all
+    queries first and then SINGLE_QUERIES single queries, (1 + SINGLE_QUERIES, grid, grid), and their labels."""
+    Q, grid = model.cfg.abstractor.num_queries, model.cfg.vision.image_size // model.cfg.vision.patch_size
+    with torch.no_grad():
+        _, weights = model.encode_images(pixels[:1], return_weights=True)
+    w = weights[-1][0].float().mean(0)  # (Q, Q + 1 + grid * grid), averaged over the heads
+    patches = w[:, Q + 1:].reshape(Q, grid, grid).cpu()
+    queries = sorted(set(torch.linspace(0, Q - 1, SINGLE_QUERIES).round().long().tolist()))
+    maps = torch.cat([patches.mean(0, keepdim=True), patches[queries]])  # (1 + SINGLE_QUERIES, grid, grid)
+    return maps, ["all queries"] + [f"query {j}" for j in queries]
+
+
+def heat_overlay(picture, amap: torch.Tensor):
+    """A (grid, grid) map over a PANEL x PANEL picture: stretched to [0, 1] between its least and its most, one
+    square cell per patch, coloured from blue (the least attention) through green to red (the most), and blended
+    half and half with the picture."""
+    from PIL import Image
+
+    v = (amap.float() - amap.min()) / (amap.max() - amap.min()).clamp(min=1e-12)
+    v = F.interpolate(v[None, None], size=(PANEL, PANEL))[0, 0]  # nearest: each patch one cell
+    heat = torch.stack([(1.5 - (4 * v - c).abs()).clamp(0, 1) for c in (3, 2, 1)], dim=-1)  # (PANEL, PANEL, RGB)
+    blend = 0.5 * torch.from_numpy(np.asarray(picture, dtype=np.float32)) + 0.5 * 255 * heat
+    return Image.fromarray(blend.round().byte().numpy())
+
+
+def draw_attention(pixels: torch.Tensor, transform: ImageTransform, maps: torch.Tensor, labels: List[str]):
+    """A sheet of captioned panels, COLUMNS to a row: the first image as f_V sees it (pixels un-normalised), then
+    one heat map over it per map."""
+    from PIL import Image, ImageDraw
+
+    std, mean = torch.tensor(transform.std)[:, None, None], torch.tensor(transform.mean)[:, None, None]
+    rgb = pixels[0].float().cpu() * std + mean  # (3, S, S) in [0, 1]
+    picture = Image.fromarray((rgb.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy())
+    picture = picture.resize((PANEL, PANEL), Image.BICUBIC)
+    panels = [(picture, "image")] + [(heat_overlay(picture, m), label) for m, label in zip(maps, labels)]
+    rows = -(-len(panels) // COLUMNS)
+    sheet = Image.new("RGB", (COLUMNS * PANEL, rows * (CAPTION + PANEL)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for k, (panel, label) in enumerate(panels):
+        x, y = k % COLUMNS * PANEL, k // COLUMNS * (CAPTION + PANEL)
+        draw.text((x + 4, y + 2), label, fill="black")
+        sheet.paste(panel, (x, y + CAPTION))
+    return sheet
+
+
+def save_attention(model: Owl, pixels: torch.Tensor, path: str) -> None:
+    device = model.language_model.lm_head.weight.device
+    sheet = draw_attention(pixels, model.image_transform, *attention_maps(model, pixels[:1].to(device)))
+    try:
+        sheet.save(path, format="PNG")
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot write {path} ({type(e).__name__})") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Ask Owl (mPLUG-Owl) about images.",
+    p = argparse.ArgumentParser(description="Ask Owl (mPLUG-Owl) about images: one question (--prompt), a chat "
+                                "(no --prompt), or a file of questions in batches (--questions).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", default="runs/owl-tiny/stage2",
                    help="an mPLUG-Owl checkpoint folder (official format: config.json, weights, tokenizer.model)")
     p.add_argument("--image", action="append", default=[], help="an image file; repeat for several images, in order")
     p.add_argument("--prompt", default=None,
                    help="the question; wrapped in the canonical template with one 'Human: <image>' line per image. "
-                        "Without it, an interactive chat starts")
+                        f"Without it, an interactive chat starts, with the history kept in the template: {CHAT_HELP}; "
+                        "the oldest turns are forgotten, with a notice, when the history and the room for the answer "
+                        "(--max-new-tokens, at most a quarter of the context) outgrow the context")
     p.add_argument("--raw-prompt", action="store_true",
                    help="use --prompt as the full prompt, as is, with one <image> tag per --image")
+    p.add_argument("--questions", metavar="FILE.jsonl", default=None,
+                   help='answer a file of questions, one {"image": [paths], "prompt": "..."} per line ("image" may be '
+                        "missing or empty; paths are relative to the file's folder), in batches; prints one JSON line "
+                        '{"image", "prompt", "answer"} per question, in order. A malformed line or a missing '
+                        "image file stops the run before anything is generated, with an error naming the line (exit "
+                        "2). Greedy answers (--temperature 0) equal one-at-a-time answers; sampled ones, even with "
+                        "--seed, may differ from them (the batch draws from one random stream)")
+    p.add_argument("--batch-size", type=int, default=8, help="questions generated together with --questions")
+    p.add_argument("--show-attention", metavar="OUT.png", default=None,
+                   help="also draw where the abstractor's queries look in the first image (its last layer, averaged "
+                        "over heads: all queries and a few single ones) as a PNG sheet of heat maps")
+    p.add_argument("--json", action="store_true",
+                   help="with --prompt: print one JSON object instead of the streamed answer: the answer, token "
+                        "counts (prompt, image, generated) and timings (load, preprocessing, first token, generation, "
+                        "tokens/s)")
+    p.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
+                   help="refuse images with more pixels than this, from their header, before decoding them")
     p.add_argument("--max-new-tokens", type=int, default=512, help="the most tokens to generate")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; 0 = greedy decoding")
     p.add_argument("--top-k", type=int, default=3, help="sample among the k most likely tokens (0 = all)")
@@ -334,41 +606,72 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_args(args) -> None:
+    """The flag values and combinations that cannot work, refused before the model is loaded."""
+    if args.max_new_tokens < 1 or args.batch_size < 1 or args.max_pixels < 1:
+        raise UserError("--max-new-tokens, --batch-size and --max-pixels must be at least 1")
+    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
+        raise UserError("--temperature must be >= 0, --top-k >= 0 and --top-p in (0, 1]")
+    if args.questions is not None and (args.image or args.prompt is not None or args.show_attention or args.json):
+        raise UserError("--questions takes its images and prompts from its file: drop --image, --prompt, "
+                        "--show-attention and --json")
+    if args.json and args.prompt is None:
+        raise UserError("--json needs --prompt")
+    if args.show_attention and not args.image:
+        raise UserError("--show-attention needs an --image")
+    if args.raw_prompt and args.prompt is None:
+        raise UserError("--raw-prompt needs --prompt")
+    if args.prompt is not None and not args.prompt.strip():
+        raise UserError("the prompt is empty")
+    if args.raw_prompt and args.prompt.count(IMAGE) != len(args.image):
+        raise UserError(f"the prompt has {args.prompt.count(IMAGE)} {IMAGE} tags but {len(args.image)} images "
+                        "were given")
+    if not args.raw_prompt and args.prompt is not None and IMAGE in args.prompt:
+        raise UserError(f"the question contains {IMAGE}; pass --raw-prompt to place images yourself")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA device is available")
+
+
+def load_model(args) -> Owl:
+    try:
+        return Owl.from_pretrained(args.checkpoint, getattr(torch, args.dtype), args.device)
+    except (FileNotFoundError, KeyError, ValueError, OSError, RuntimeError) as e:
+        raise UserError(f"cannot load checkpoint {args.checkpoint}: {e.args[0] if e.args else e}") from None
+    except (pickle.UnpicklingError, EOFError, SafetensorError) as e:  # e.g. an interrupted download
+        raise UserError(f"cannot load checkpoint {args.checkpoint}: a weights file is truncated, corrupt or holds "
+                        f"more than tensors ({type(e).__name__})") from None
+
+
+def prompt_ids_of(model: Owl, args) -> List[int]:
+    """The ids of --prompt: in the canonical template, or as is with --raw-prompt; refused if it fills the context."""
+    ids = model.prompt_ids(args.prompt if args.raw_prompt else render_prompt(args.prompt, len(args.image)))
+    if len(ids) >= model.cfg.text.max_position_embeddings:
+        raise UserError(f"the prompt is {len(ids)} tokens long, more than the context of "
+                        f"{model.cfg.text.max_position_embeddings} tokens")
+    return ids
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.max_new_tokens < 1:
-            raise UserError("--max-new-tokens must be at least 1")
-        if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
-            raise UserError("--temperature must be >= 0, --top-k >= 0 and --top-p in (0, 1]")
-        if args.raw_prompt and args.prompt is None:
-            raise UserError("--raw-prompt needs --prompt")
-        if args.prompt is not None and not args.prompt.strip():
-            raise UserError("the prompt is empty")
-        if args.raw_prompt and args.prompt.count(IMAGE) != len(args.image):
-            raise UserError(f"the prompt has {args.prompt.count(IMAGE)} {IMAGE} tags but {len(args.image)} images "
-                            "were given")
-        if not args.raw_prompt and args.prompt is not None and IMAGE in args.prompt:
-            raise UserError(f"the question contains {IMAGE}; pass --raw-prompt to place images yourself")
-        if args.device.startswith("cuda") and not torch.cuda.is_available():
-            raise UserError("--device cuda was asked for but no CUDA device is available")
-        try:
-            model = Owl.from_pretrained(args.checkpoint, getattr(torch, args.dtype), args.device)
-        except (FileNotFoundError, KeyError, ValueError, OSError, RuntimeError) as e:
-            raise UserError(f"cannot load checkpoint {args.checkpoint}: {e.args[0] if e.args else e}") from None
-        except (pickle.UnpicklingError, EOFError, SafetensorError) as e:  # e.g. an interrupted download
-            raise UserError(f"cannot load checkpoint {args.checkpoint}: a weights file is truncated, corrupt or holds "
-                            f"more than tensors ({type(e).__name__})") from None
-        pixels = torch.stack([load_image(p, model.image_transform) for p in args.image]) if args.image else None
-        if args.prompt is None:
-            chat(model, pixels, args)
+        check_args(args)
+        start = time.perf_counter()
+        model = load_model(args)
+        if args.questions is not None:
+            answer_questions(model, args.questions, args)
             return 0
-        text = args.prompt if args.raw_prompt else render_prompt(args.prompt, len(args.image))
-        ids = model.prompt_ids(text)
-        if len(ids) >= model.cfg.text.max_position_embeddings:
-            raise UserError(f"the prompt is {len(ids)} tokens long, more than the context of "
-                            f"{model.cfg.text.max_position_embeddings} tokens")
-        stream_answer(model, ids, pixels, args)
+        loaded = time.perf_counter()
+        pixels = load_images(args.image, model, args)
+        ids = None if args.prompt is None else prompt_ids_of(model, args)
+        timings = {"load_s": loaded - start, "preprocess_s": time.perf_counter() - loaded}
+        if args.show_attention:
+            save_attention(model, pixels, args.show_attention)
+        if ids is None:
+            chat(model, pixels, args)
+        elif args.json:
+            answer_json(model, ids, pixels, args, timings)
+        else:
+            stream_answer(model, ids, pixels, args)
         return 0
     except UserError as e:
         print(f"owl: {e}", file=sys.stderr)

@@ -68,3 +68,17 @@ def tokenizer_model(tmp_path_factory):
     path = tmp_path_factory.mktemp("spm") / "tokenizer.model"
     path.write_bytes(train_spm())
     return path
+
+
+def write_huge_png(path, width: int, height: int) -> None:
+    """A PNG whose header claims width x height 1-bit pixels but whose data is a few bytes: decoding it would fail,
+    so an error that names its size proves the size was refused from the header, before decoding."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # bit depth 1, greyscale, no interlace
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 16))
+                     + chunk(b"IEND", b""))

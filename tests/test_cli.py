@@ -15,14 +15,15 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from conftest import tiny_owl
-from owl import Owl, render_prompt, render_turn
+from conftest import tiny_owl, write_huge_png
+from owl import CAPTION, COLUMNS, PANEL, Owl, attention_maps, draw_attention, load_image, render_prompt, render_turn
 
 ROOT = Path(__file__).resolve().parent.parent
 QUESTION = "What is in the picture?"
 GREEDY = ["--max-new-tokens", "12", "--temperature", "0"]
 FLAGS = ["--checkpoint", "--image", "--prompt", "--raw-prompt", "--max-new-tokens", "--temperature", "--top-k",
-         "--top-p", "--seed", "--dtype", "--device"]
+         "--top-p", "--seed", "--dtype", "--device", "--questions", "--batch-size", "--show-attention", "--json",
+         "--max-pixels"]
 KEY_REMOVED = "abstractor.encoder.layers.1.crossattention.attention.value.bias"
 KEY_RESHAPED = "vision_model.encoder.layers.0.mlp.fc1.weight"  # (128, 64) in the tiny model
 
@@ -44,6 +45,14 @@ def files(tokenizer_model, tmp_path_factory):
     (d / "x.png").write_text("this is text, not a picture\n")
     png = (d / "img0.png").read_bytes()
     (d / "truncated.png").write_bytes(png[: len(png) // 2])
+    write_huge_png(d / "huge.png", 20000, 20000)  # 400 megapixels in 70 bytes
+    questions = [{"image": ["img0.png"], "prompt": QUESTION}, {"prompt": "Hi"},
+                 {"image": ["img1.png", str(d / "img0.png")], "prompt": "Which one is bigger, the left or the right?"},
+                 {"image": [], "prompt": "Describe the image in detail, every shape and colour, and where it is."}]
+    lines = [json.dumps(q) for q in questions]
+    (d / "questions.jsonl").write_text("\n".join(lines[:2] + [""] + lines[2:]) + "\n")  # a blank line is skipped
+    for name, bad in BAD_LINES.items():
+        (d / f"{name}.jsonl").write_text("\n".join([lines[0], bad, lines[1]]) + "\n")  # the bad one is line 2
 
     def variant(name, edit_files=None, edit_weights=None):
         shutil.copytree(d / "ckpt", d / name)
@@ -66,6 +75,11 @@ def files(tokenizer_model, tmp_path_factory):
     return d
 
 
+BAD_LINES = {"not-json": '{"prompt": "Hi"', "no-prompt": '{"image": ["img0.png"]}',
+             "image-not-a-list": '{"image": "img0.png", "prompt": "Hi"}',
+             "missing-image": '{"image": ["nope.png"], "prompt": "Hi"}'}
+
+
 def bad_inputs(d: Path) -> dict:
     """name -> (argv, what the one-sentence error must mention)."""
     ok = ["--checkpoint", d / "ckpt", "--image", d / "img0.png"]
@@ -86,6 +100,15 @@ def bad_inputs(d: Path) -> dict:
             [*ok, "--raw-prompt", "--prompt", "Human: <image>\nHuman: <image>\nAI: ", *GREEDY], ["<image>", "2", "1"]),
         "prompt longer than the context": ([*ok, "--prompt", "the cat " * 400, *GREEDY], ["context"]),
         "empty prompt": ([*ok, "--prompt", "  ", *GREEDY], ["empty"]),
+        "image over the pixel limit": (["--checkpoint", d / "ckpt", "--image", d / "huge.png", *prompt],
+                                       ["huge.png", "20000x20000", "--max-pixels"]),
+        "--json without --prompt": ([*ok, "--json", *GREEDY], ["--json", "--prompt"]),
+        "--show-attention without --image": (["--checkpoint", d / "ckpt", "--show-attention", d / "a.png", *prompt],
+                                             ["--show-attention", "--image"]),
+        "--questions with --prompt": (["--checkpoint", d / "ckpt", "--questions", d / "questions.jsonl", *prompt],
+                                      ["--questions", "--prompt"]),
+        **{f"questions: {name}": (["--checkpoint", d / "ckpt", "--questions", d / f"{name}.jsonl", *GREEDY],
+                                  ["line 2", f"{name}.jsonl"]) for name in BAD_LINES},
     }
 
 
@@ -104,6 +127,10 @@ def runs(files) -> dict:
                            "--raw-prompt", "--prompt", RAW_TWO_IMAGES, *GREEDY],
         "bfloat16": ["--checkpoint", d / "ckpt", "--image", d / "img0.png", "--prompt", QUESTION, "--dtype",
                      "bfloat16", *GREEDY],
+        "json": ["--checkpoint", d / "ckpt", "--image", d / "img0.png", "--prompt", QUESTION, "--json", *GREEDY],
+        "questions": ["--checkpoint", d / "ckpt", "--questions", d / "questions.jsonl", "--batch-size", "3", *GREEDY],
+        "show attention": ["--checkpoint", d / "ckpt", "--image", d / "img0.png", "--image", d / "img1.png",
+                           "--raw-prompt", "--prompt", RAW_TWO_IMAGES, "--show-attention", d / "attention.png", *GREEDY],
     })
     with ThreadPoolExecutor(4) as pool:
         return dict(zip(argvs, pool.map(lambda argv: owl_cli(*argv), argvs.values())))
@@ -170,3 +197,46 @@ def test_cli_without_prompt_chats_with_history_in_the_template(files):
     a1 = greedy_answer(files / "ckpt", render_prompt(q1, 1), [files / "img0.png"])
     a2 = greedy_answer(files / "ckpt", render_prompt(q1, 1) + a1 + render_turn(q2), [files / "img0.png"])
     assert r.stdout == f"{a1}\n{a2}\n"
+
+
+def test_cli_json_prints_one_object_with_the_plain_answer_counts_and_timings(files, runs):
+    r = runs["json"]
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("\n") == 1
+    result = json.loads(r.stdout)
+    assert result["answer"] + "\n" == runs["answer"].stdout
+    model = Owl.from_pretrained(files / "ckpt")
+    assert result["prompt_tokens"] == len(model.prompt_ids(render_prompt(QUESTION, 1)))
+    assert (result["image_tokens"], result["generated_tokens"]) == (65, 12)
+    assert 0 < result["first_token_s"] <= result["generate_s"]
+    assert all(result[k] >= 0 for k in ("load_s", "preprocess_s"))
+    assert result["tokens_per_s"] == pytest.approx(12 / result["generate_s"], rel=0.01)
+
+
+def test_cli_questions_answers_every_line_in_batches_as_one_at_a_time(files, runs):
+    """Batches of 3 (0, 1 and 2 images, lengths far apart, left-padded): each answer is the library's greedy answer
+    to that question alone, in the file's order; image paths are relative to the file's folder or absolute."""
+    r = runs["questions"]
+    assert r.returncode == 0, r.stderr
+    answers = [json.loads(line) for line in r.stdout.splitlines()]
+    asked = [json.loads(line) for line in (files / "questions.jsonl").read_text().splitlines() if line]
+    assert [(a["image"], a["prompt"]) for a in answers] == [(q.get("image", []), q["prompt"]) for q in asked]
+    model = Owl.from_pretrained(files / "ckpt")
+    for a in answers:
+        paths = [p if Path(p).is_absolute() else files / p for p in a["image"]]
+        pixels = torch.stack([load_image(str(p), model.image_transform) for p in paths]) if paths else None
+        ids = model.prompt_ids(render_prompt(a["prompt"], len(paths)))
+        assert a["answer"] == model.tokenizer.decode(model.generate(ids, pixels, max_new_tokens=12, temperature=0.0))
+
+
+def test_cli_show_attention_draws_the_first_image_s_sheet_and_still_answers(files, runs):
+    r = runs["show attention"]
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == runs["raw two images"].stdout
+    with Image.open(files / "attention.png") as f:
+        assert f.format == "PNG" and f.size == (COLUMNS * PANEL, 2 * (CAPTION + PANEL))  # 6 panels, 3 to a row
+        drawn = np.asarray(f.convert("RGB"), dtype=np.int16)
+    model = Owl.from_pretrained(files / "ckpt")
+    pixels = load_image(str(files / "img0.png"), model.image_transform)[None]
+    sheet = draw_attention(pixels, model.image_transform, *attention_maps(model, pixels))
+    assert np.abs(drawn - np.asarray(sheet, dtype=np.int16)).max() <= 1

@@ -1,0 +1,279 @@
+"""Inference beyond one question, in this process on a tiny random Owl: batched answers are the one-at-a-time
+answers token for token, whatever the pads hold; the chat keeps its history in the template, puts /image images in
+the next turn and forgets the oldest turns when the context fills; the attention picture shows
+softmax(q k^T / sqrt(d)) of f_K's last layer over the patches; a huge image is refused from its header."""
+import math
+import time
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from conftest import tiny_owl, write_huge_png
+from owl import (CAPTION, COLUMNS, PANEL, SYSTEM, UserError, attention_maps, build_parser, chat, draw_attention,
+                 load_image, render_prompt, render_turn)
+
+QUESTIONS = [  # clearly different lengths and image counts
+    ("Hi", 0),
+    ("Describe the image in detail: the shapes, their colours, where they are and how many there are.", 1),
+    ("Which one is bigger, the left shape or the right shape?", 2),
+    ("How many people are there?", 1),
+]
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer_model):
+    return tiny_owl(tokenizer_model, seed=2)
+
+
+def noise_image(seed: int, size=(40, 28)) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def pixels_of(model, seeds) -> torch.Tensor:
+    return torch.stack([model.image_transform(noise_image(s)) for s in seeds]) if seeds else None
+
+
+def prompts(model) -> list:
+    """(ids, pixels) for each of QUESTIONS, every image a different one."""
+    out, seed = [], 0
+    for question, n in QUESTIONS:
+        out.append((model.prompt_ids(render_prompt(question, n)), pixels_of(model, list(range(seed, seed + n)))))
+        seed += n
+    return out
+
+
+# --- batched generation ----------------------------------------------------------------------------------------------
+
+def test_batched_greedy_answers_equal_one_at_a_time_answers_token_for_token(model):
+    batch = prompts(model)
+    lengths = [len(ids) for ids, _ in batch]
+    assert len(set(lengths)) == 4 and max(lengths) - min(lengths) > 150, lengths  # much padding in the batch
+    alone = [list(model.generate(ids, pixels, max_new_tokens=16, temperature=0.0)) for ids, pixels in batch]
+    together = model.generate_batch(batch, max_new_tokens=16, temperature=0.0)
+    assert together == alone
+    assert all(len(a) == 16 for a in alone) and len({tuple(a) for a in alone}) == 4
+
+
+def padded_embeddings(llm, rows) -> tuple:
+    """Left-padded input embeddings (B, T, D) of token id rows, and the rows' lengths."""
+    T = max(len(r) for r in rows)
+    ids = torch.tensor([[0] * (T - len(r)) + r for r in rows])
+    with torch.no_grad():
+        return llm.model.embed_tokens(ids), [len(r) for r in rows]
+
+
+def random_rows(lengths, vocab, seed=0) -> list:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def alone(llm, rows, **kw) -> list:
+    return [list(llm.generate(torch.tensor([r]), **kw)) for r in rows]
+
+
+def test_what_the_pads_hold_changes_no_answer(model):
+    """The pads are hidden from every query: filling them with large noise gives the same answers."""
+    llm = model.language_model
+    rows = random_rows([5, 23, 40], llm.cfg.vocab_size)
+    embeds, lengths = padded_embeddings(llm, rows)
+    noisy = embeds.clone()
+    for b, n in enumerate(lengths):
+        noisy[b, : embeds.shape[1] - n] = 10 * torch.randn(embeds.shape[1] - n, embeds.shape[2])
+    answers = llm.generate_batch(embeds, lengths, max_new_tokens=10)
+    assert answers == llm.generate_batch(noisy, lengths, max_new_tokens=10) == alone(llm, rows, max_new_tokens=10)
+
+
+def test_a_row_that_ends_with_eos_leaves_the_batch_and_the_others_go_on(model):
+    llm = model.language_model
+    rows = random_rows([7, 30, 18], llm.cfg.vocab_size, seed=1)
+    free = alone(llm, rows, max_new_tokens=10, eos_id=-1)
+    eos = next(t for i, t in enumerate(free[1]) if i >= 2 and t not in free[1][:i])  # row 1 ends early on it
+    expected = alone(llm, rows, max_new_tokens=10, eos_id=eos)
+    embeds, lengths = padded_embeddings(llm, rows)
+    assert llm.generate_batch(embeds, lengths, max_new_tokens=10, eos_id=eos) == expected
+    assert expected[1][-1] == eos and len(expected[1]) < 10 and max(len(a) for a in expected) == 10
+
+
+def test_a_row_stops_at_the_context_as_it_does_alone(model):
+    llm = model.language_model
+    context = llm.cfg.max_position_embeddings
+    rows = random_rows([context - 5, 12], llm.cfg.vocab_size, seed=2)
+    embeds, lengths = padded_embeddings(llm, rows)
+    answers = llm.generate_batch(embeds, lengths, max_new_tokens=20)
+    assert answers == alone(llm, rows, max_new_tokens=20)
+    assert [len(a) for a in answers] == [5, 20]
+
+
+def test_seeded_batch_sampling_is_reproducible(model):
+    llm = model.language_model
+    embeds, lengths = padded_embeddings(llm, random_rows([6, 15], llm.cfg.vocab_size, seed=3))
+    runs = [llm.generate_batch(embeds, lengths, 8, temperature=1.0, top_k=5, generator=torch.Generator().manual_seed(7))
+            for _ in range(2)]
+    assert runs[0] == runs[1]
+
+
+# --- the chat --------------------------------------------------------------------------------------------------------
+
+def record_generate(model, monkeypatch) -> list:
+    """Wrap model.generate to record each call's (ids, pixels, answer tokens)."""
+    calls, real = [], model.generate
+
+    def generate(ids, pixels=None, *args, **kwargs):
+        tokens = list(real(ids, pixels, *args, **kwargs))
+        calls.append((list(ids), pixels, tokens))
+        yield from tokens
+
+    monkeypatch.setattr(model, "generate", generate)
+    return calls
+
+
+def chat_args(*extra):
+    return build_parser().parse_args(["--temperature", "0", "--max-new-tokens", "6", *extra])
+
+
+@pytest.fixture()
+def images(tmp_path):
+    for i in range(2):
+        noise_image(10 + i).save(tmp_path / f"img{i}.png")
+    return tmp_path
+
+
+def test_chat_keeps_the_history_and_puts_slash_image_images_in_the_next_turn(model, images, monkeypatch, capsys):
+    calls = record_generate(model, monkeypatch)
+    img0, img1 = (load_image(str(images / f"img{i}.png"), model.image_transform) for i in range(2))
+    q1, q2, q3 = "What is in the picture?", "And in these two?", "Hello again."
+    lines = [q1, f"/image {images / 'img1.png'}", f"/image {images / 'img0.png'}", q2,
+             f"/image {images / 'nope.png'}", "/reset", q3, "/quit", "never asked"]
+    chat(model, img0[None], chat_args(), lines)
+    assert len(calls) == 3
+    a1, a2, a3 = (model.tokenizer.decode(tokens) for _, _, tokens in calls)
+    expected = [(render_prompt(q1, 1), [img0]),
+                (render_prompt(q1, 1) + a1 + render_turn(q2, 2), [img0, img1, img0]),  # images in the prompt's order
+                (SYSTEM + render_turn(q3), None)]  # /reset forgot the history, its images and the bad /image
+    for (ids, pixels, _), (text, want) in zip(calls, expected):
+        assert ids == model.prompt_ids(text)
+        assert (pixels is None and want is None) or torch.equal(pixels, torch.stack(want))
+    out, err = capsys.readouterr()
+    assert out == f"{a1}\n{a2}\n{a3}\n"
+    assert [line for line in err.splitlines() if "nope.png" in line] == \
+        [f"owl: image file {images / 'nope.png'} does not exist; the chat goes on without it."]
+
+
+def long_question(i: int) -> str:
+    return f"Question {i}:" + " which one is bigger, the left shape or the right shape?" * 6
+
+
+def test_chat_forgets_the_oldest_turns_and_their_images_when_the_context_fills(model, images, monkeypatch, capsys):
+    calls = record_generate(model, monkeypatch)
+    img0 = load_image(str(images / "img0.png"), model.image_transform)
+    q = [long_question(i) for i in range(3)]
+    chat(model, img0[None], chat_args(), q)
+    a = [model.tokenizer.decode(tokens) for _, _, tokens in calls]
+    context, room = model.cfg.text.max_position_embeddings, 6
+    everything = render_prompt(q[0], 1) + a[0] + render_turn(q[1]) + a[1] + render_turn(q[2])
+    assert len(model.prompt_ids(everything)) + room >= context  # the whole history does not fit ...
+    assert len(calls) == 3
+    ids, pixels, _ = calls[2]
+    assert ids == model.prompt_ids(SYSTEM + render_turn(q[1]) + a[1] + render_turn(q[2]))  # ... without turn 1, it does
+    assert pixels is None  # turn 1's image went with it
+    assert all(len(ids) + room < context for ids, _, _ in calls)
+    err = capsys.readouterr().err
+    assert "the oldest 1 turn(s) and their 1 image(s) are forgotten" in err
+
+
+def test_chat_refuses_a_turn_that_alone_does_not_fit_and_goes_on(model, images, monkeypatch, capsys):
+    calls = record_generate(model, monkeypatch)
+    img0, img1 = (load_image(str(images / f"img{i}.png"), model.image_transform) for i in range(2))
+    q1, q2 = "What is in the picture?", "And now?"
+    chat(model, img0[None], chat_args(), [q1, f"/image {images / 'img1.png'}", "the cat " * 400, q2])
+    assert len(calls) == 2
+    a1 = model.tokenizer.decode(calls[0][2])
+    ids, pixels, _ = calls[1]
+    assert ids == model.prompt_ids(render_prompt(q1, 1) + a1 + render_turn(q2, 1))  # history and /image image kept
+    assert torch.equal(pixels, torch.stack([img0, img1]))
+    err = capsys.readouterr().err
+    assert "do not fit in the context of 512 tokens" in err and "Traceback" not in err
+
+
+# --- where the queries look ------------------------------------------------------------------------------------------
+
+def last_layer_attention_by_hand(model, pixels) -> torch.Tensor:
+    """softmax(q k^T / sqrt(head_dim)) of f_K's last layer, from its weights, averaged over heads: (Q, Q + N)."""
+    ab, cfg = model.abstractor, model.cfg.abstractor
+    Q, H, hd = cfg.num_queries, cfg.num_heads, cfg.hidden_size // cfg.num_heads
+    with torch.no_grad():
+        x = model.vision_model(pixels)  # (1, N, D), CLS first
+        q = ab.query_tokens
+        for layer in ab.layers[:-1]:
+            q, _ = layer(q, x)
+        last = ab.layers[-1]
+        norm = lambda t, ln: F.layer_norm(t, t.shape[-1:], ln.weight, ln.bias, ln.eps)
+        qn = norm(q, last.norm1)
+        keys_in = torch.cat([qn, norm(x, last.normk)], dim=1)  # the queries are keys too
+        queries = (qn @ last.query.weight.T + last.query.bias).view(Q, H, hd).transpose(0, 1)  # (H, Q, hd)
+        keys = (keys_in @ last.key.weight.T + last.key.bias).view(-1, H, hd).transpose(0, 1)  # (H, Q + N, hd)
+        return torch.softmax(queries @ keys.transpose(1, 2) / math.sqrt(hd), dim=-1).mean(0)
+
+
+def test_attention_maps_are_the_last_layer_softmax_over_the_patch_grid(model):
+    pixels = pixels_of(model, [3])
+    maps, labels = attention_maps(model, pixels)
+    Q, grid = model.cfg.abstractor.num_queries, 4  # 32-px images, 8-px patches
+    patches = last_layer_attention_by_hand(model, pixels)[:, Q + 1:].reshape(Q, grid, grid)  # no queries, no CLS
+    assert labels == ["all queries", "query 0", "query 21", "query 42", "query 63"]
+    assert maps.shape == (5, grid, grid)
+    torch.testing.assert_close(maps[0], patches.mean(0), rtol=0, atol=1e-6)
+    for k, j in enumerate([0, 21, 42, 63]):
+        torch.testing.assert_close(maps[1 + k], patches[j], rtol=0, atol=1e-6)
+    assert (maps[1:] - maps[1:].mean()).abs().max() > 1e-4  # the queries do not all look alike
+
+
+def panel(sheet: Image.Image, k: int) -> np.ndarray:
+    x, y = k % COLUMNS * PANEL, k // COLUMNS * (CAPTION + PANEL) + CAPTION
+    return np.asarray(sheet.crop((x, y, x + PANEL, y + PANEL)), dtype=np.float32)
+
+
+def test_the_heat_map_panel_is_hottest_where_the_map_is_and_follows_it(model):
+    t = model.image_transform
+    grey = ((0.5 - torch.tensor(t.mean)) / torch.tensor(t.std))[:, None, None].expand(3, 32, 32)[None]
+    maps = torch.full((2, 4, 4), 0.01)
+    maps[1, 2, 1] = 0.3
+    sheet = draw_attention(grey, t, maps, ["a", "b"])
+    assert sheet.size == (COLUMNS * PANEL, 1 * (CAPTION + PANEL))
+    cell = PANEL // 4
+    redness = panel(sheet, 2)[..., 0] - panel(sheet, 2)[..., 2]  # (PANEL, PANEL)
+    per_cell = redness[: 4 * cell, : 4 * cell].reshape(4, cell, 4, cell).mean((1, 3))
+    assert np.unravel_index(per_cell.argmax(), per_cell.shape) == (2, 1)
+    moved = maps.clone()
+    moved[1, 2, 1], moved[1, 0, 3] = 0.01, 0.3
+    again = draw_attention(grey, t, moved, ["a", "b"])
+    assert np.array_equal(panel(again, 0), panel(sheet, 0)) and np.array_equal(panel(again, 1), panel(sheet, 1))
+    assert not np.array_equal(panel(again, 2), panel(sheet, 2))
+
+
+# --- huge images -----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("side", [10000, 20000])  # above PIL's own warning (89 MP) and error (179 MP) levels
+def test_an_image_over_the_pixel_limit_is_refused_from_its_header_before_decoding(model, tmp_path, side):
+    path = tmp_path / "huge.png"
+    write_huge_png(path, side, side)
+    pil_limit = Image.MAX_IMAGE_PIXELS
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # PIL's DecompressionBombWarning would be an error here
+        with pytest.raises(UserError, match=f"{side}x{side} pixels, more than the limit of 40000000"):
+            load_image(str(path), model.image_transform)
+    assert time.perf_counter() - start < 0.5
+    assert Image.MAX_IMAGE_PIXELS == pil_limit  # PIL's check is back on for everyone else
+
+
+def test_max_pixels_is_the_limit(model, tmp_path):
+    noise_image(0, size=(40, 28)).save(tmp_path / "img.png")  # 1120 pixels
+    with pytest.raises(UserError, match="40x28"):
+        load_image(str(tmp_path / "img.png"), model.image_transform, max_pixels=1119)
+    assert load_image(str(tmp_path / "img.png"), model.image_transform, max_pixels=1120).shape == (3, 32, 32)
