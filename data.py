@@ -202,9 +202,11 @@ def render_owl_text(turns):
 # Synthesis: every part has its own random stream, so changing one --n-* leaves the other files as they were.
 
 
-def synth(out, seed=0, n_train=12000, n_owl=8000, n_llava=4000, n_alpaca=600, n_heldout=1000, vocab_size=512):
+def synth(out, seed=0, n_train=12000, n_owl=8000, n_llava=4000, n_alpaca=600, n_heldout=1000, vocab_size=512,
+          n_reading=20000):
     """Write into `out`: images/ (s_* for training, h_* held out), scenes.jsonl (the facts of every image),
-    stage1.jsonl, stage2_owl.jsonl, stage2_llava.json, stage2_alpaca.json, corpus.txt, heldout.jsonl (questions
+    stage1.jsonl, stage2_owl.jsonl, stage2_llava.json, stage2_alpaca.json, corpus.txt and reading.jsonl (stage 0's
+    text), heldout.jsonl (questions
     without <image> tags, their images listed apart), val_* files for the validation loss (on held-out images) and
     tokenizer.model. Paths are relative to `out`."""
     os.makedirs(os.path.join(out, "images"), exist_ok=True)
@@ -217,23 +219,28 @@ def synth(out, seed=0, n_train=12000, n_owl=8000, n_llava=4000, n_alpaca=600, n_
         records.append({"image": name, **scenes[-1]})
         stage1.append({"image": name, "caption": caption(scenes[-1], rng)})
     corpus += [r["caption"] for r in stage1]
-    # Text that asks about a scene described earlier in the same line: the tiny f_L learns to read facts from its
-    # context, which is what it must later do with the visual tokens (a real LLM brings this skill along).
-    crng = random.Random(f"corpus/{seed}")
-    for scene, record in zip(scenes, stage1):
-        kinds = ["count", "position", "describe"] + (["color", "shape"] if len(scene["shapes"]) == 1 else [])
-        question, answer, _ = ask(crng.choice(kinds), scene, crng)
-        corpus.append(f"{record['caption']} {question} {answer}")
+    # Chats about a scene described in words, in the template stage 2 uses with an image where the words are: the
+    # tiny f_L learns to answer from facts in its context, the skill it later needs with the visual tokens (a real
+    # LLM brings it along; a tiny one trained on single sentences cannot copy a colour from its context).
+    crng = random.Random(f"reading/{seed}")
+    reading = []
+    for _ in range(n_reading):
+        scene = random_scene(crng, 1 if crng.random() < 0.4 else None)
+        kinds = ["count", "position", "describe"] + (["color", "shape"] * 2 if len(scene["shapes"]) == 1 else [])
+        turns = [ask(kind, scene, crng)[:2] for kind in crng.sample(kinds, crng.choice((1, 1, 2)))]
+        chat = "Human: " + caption(scene, crng) + "".join(render_turn(q) + a for q, a in turns)
+        reading.append({"text": SYSTEM + "\n" + chat if crng.random() < 0.25 else chat})  # the system text is long
 
     rng = random.Random(f"stage2/{seed}")
-    owl, llava = [], []
+    owl, llava, single = [], [], [i for i, s in enumerate(scenes) if len(s["shapes"]) == 1]
     for i in tqdm(range(n_owl + n_llava), desc="stage-2 conversations"):
         if i < n_owl and rng.random() < 0.15:  # two-image comparisons only in the official format (LLaVA has one)
             a, b = rng.sample(range(n_train), 2)
             q, answer = compare(scenes[a], scenes[b], rng)
             images, turns = [stage1[a]["image"], stage1[b]["image"]], [(IMAGE + "\n" + IMAGE + "\n" + q, answer)]
         else:
-            k = rng.randrange(n_train)
+            # single-shape images a third of the time, so colour and shape questions are common enough to learn
+            k = rng.choice(single) if rng.random() < 0.35 else rng.randrange(n_train)
             kinds = ["count", "position", "describe"] + (["color", "shape"] if len(scenes[k]["shapes"]) == 1 else [])
             kinds = rng.sample(kinds, rng.choice((1, 1, 2, 3)))
             turns = [ask(kind, scenes[k], rng)[:2] for kind in kinds]
@@ -266,14 +273,14 @@ def synth(out, seed=0, n_train=12000, n_owl=8000, n_llava=4000, n_alpaca=600, n_
 
     for name, rows in (("scenes.jsonl", records), ("stage1.jsonl", stage1), ("stage2_owl.jsonl", owl),
                        ("heldout.jsonl", heldout), ("stage2_llava.json", llava), ("stage2_alpaca.json", alpaca),
-                       ("corpus.txt", corpus), ("val_stage1.jsonl", val_captions), ("val_stage2_owl.jsonl", val_owl),
+                       ("corpus.txt", corpus), ("reading.jsonl", reading), ("val_stage1.jsonl", val_captions), ("val_stage2_owl.jsonl", val_owl),
                        ("val_corpus.txt", [c["caption"] for c in val_captions])):
         with open(os.path.join(out, name), "w") as f:
             if name.endswith(".json"):
                 json.dump(rows, f, indent=1)
             else:
                 f.writelines((r if name.endswith(".txt") else json.dumps(r)) + "\n" for r in rows)
-    texts = corpus + [r["text"] for r in owl] + [r["answer"] for r in heldout]
+    texts = corpus + [r["text"] for r in owl + reading] + [r["answer"] for r in heldout]
     train_tokenizer(texts, os.path.join(out, "tokenizer.model"), vocab_size)
 
 
@@ -403,6 +410,18 @@ def load_captions_jsonl(path):
     return _load(path, _caption, jsonl=True)
 
 
+def _text(line, base):
+    d = json.loads(line)
+    if not (isinstance(d["text"], str) and d["text"].strip()):
+        raise ValueError("needs a text")
+    return d["text"]
+
+
+def load_text_jsonl(path):
+    """Stage 0: documents, {"text": ...} a line (a document may hold newlines, as the chat template does)."""
+    return _load(path, _text, jsonl=True)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Held-out scoring: the answer must say the expected word(s) of its kind and no other word of that kind.
 
@@ -478,6 +497,20 @@ def conversation_segments(conv):
     return segments
 
 
+def document_segments(text):
+    """A stage-0 document: all of it is the target, unless it is a chat in the template ("...\nAI: answer"),
+    which is learnt as stage 2 learns: its answers (and the EOS after each) are the targets."""
+    parts = re.split(r"(\nAI: )", text)  # prompt, "\nAI: ", answer + "\nHuman: " + ..., "\nAI: ", ...
+    if len(parts) == 1:
+        return [(text, True)]
+    segments, prompt = [], parts[0]
+    for sep, rest in zip(parts[1::2], parts[2::2]):
+        answer, human, after = rest.partition("\nHuman: ")
+        segments += [(prompt + sep, False), (answer, True)]  # the prompt in one piece, tokenised as stage 2 does
+        prompt = human + after
+    return segments
+
+
 def build_sample(tokenizer, segments, images, tokens_per_image, seq_len):
     """Ids and labels from segments, truncated to seq_len; None when no answer token survives the cut (such a
     sample would give a 0/0 = NaN mean loss)."""
@@ -501,9 +534,11 @@ def build_sample(tokenizer, segments, images, tokens_per_image, seq_len):
 
 def load_training_samples(path, stage, tokenizer, tokens_per_image, seq_len):
     """Every usable sample of one data file, tokenised. The format follows from the stage and the file:
-    stage 0 a text corpus (a sample a line); stage 1 image-caption JSONL; stage 2 the official mPLUG-Owl JSONL,
+    stage 0 a text corpus (a sample a line, or JSONL with a "text" each); stage 1 image-caption JSONL; stage 2 the official mPLUG-Owl JSONL,
     LLaVA JSON (entries with "conversations") or Alpaca JSON."""
-    if stage == 0:
+    if stage == 0 and str(path).endswith(".jsonl"):  # documents that span lines: {"text": ...} a line
+        items = [(document_segments(text), []) for text in load_text_jsonl(path)]
+    elif stage == 0:
         with open(path) as f:
             items = [([(line.strip(), True)], []) for line in f if line.strip()]
     elif stage == 1:
@@ -525,13 +560,6 @@ def load_training_samples(path, stage, tokenizer, tokens_per_image, seq_len):
     if dropped:
         warnings.warn(f"{path}: dropped {dropped} samples left without an answer token by --seq-len {seq_len}")
     return [s for s in samples if s is not None]
-
-
-def open_image(path):
-    """Read an image fully (a truncated file fails here, not later)."""
-    with Image.open(path) as img:
-        img.load()
-        return img.copy()
 
 
 def augment(img, rng):
@@ -564,12 +592,15 @@ def main(argv=None):
     p.add_argument("--n-llava", type=int, default=4000, help="stage-2 single-image conversations in LLaVA JSON")
     p.add_argument("--n-alpaca", type=int, default=600, help="text-only instructions in Alpaca JSON")
     p.add_argument("--n-heldout", type=int, default=1000, help="held-out questions, each on a new image")
+    p.add_argument("--n-reading", type=int, default=20000,
+                   help="stage-0 chats about scenes described in words (reading.jsonl), no images")
     p.add_argument("--vocab-size", type=int, default=512, help="SentencePiece vocabulary size (an upper bound)")
     args = parser.parse_args(argv)
     if args.n_train < 2:
         parser.error("--n-train must be at least 2 (comparisons need two images)")
     start = time.time()
-    synth(args.out, args.seed, args.n_train, args.n_owl, args.n_llava, args.n_alpaca, args.n_heldout, args.vocab_size)
+    synth(args.out, args.seed, args.n_train, args.n_owl, args.n_llava, args.n_alpaca, args.n_heldout, args.vocab_size,
+          args.n_reading)
     print(f"wrote {args.out} in {time.time() - start:.1f} s")
 
 

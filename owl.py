@@ -289,7 +289,9 @@ class UserError(Exception):
 MAX_PIXELS = 40_000_000  # larger images are refused from their header, before a pixel is decoded
 
 
-def load_image(path: str, transform: ImageTransform, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
+def read_image(path: str, max_pixels: int = MAX_PIXELS):
+    """A PIL image read fully (a truncated file fails here, not later), in any mode: the transform makes it RGB.
+    Inference and training read their images here, so both refuse the same files in the same words."""
     from PIL import Image, UnidentifiedImageError
 
     p = Path(path)
@@ -304,11 +306,15 @@ def load_image(path: str, transform: ImageTransform, max_pixels: int = MAX_PIXEL
             if w * h > max_pixels:
                 raise UserError(f"{path} is {w}x{h} pixels, more than the limit of {max_pixels} (--max-pixels)")
             img.load()
-            return transform(img)
+            return img.copy()  # leaving `with` closes the file and frees the pixels of `img` itself
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
         raise UserError(f"{path} is not an image Owl can read ({type(e).__name__})") from None
     finally:
         Image.MAX_IMAGE_PIXELS = pil_limit
+
+
+def load_image(path: str, transform: ImageTransform, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
+    return transform(read_image(path, max_pixels))
 
 
 def seeded_generator(args) -> Optional[torch.Generator]:

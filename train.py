@@ -15,10 +15,12 @@ import argparse
 import json
 import math
 import os
+import pickle
 import random
 import signal
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -31,7 +33,7 @@ from tqdm import tqdm
 import data
 import lora
 from llama import Llama, Tokenizer
-from owl import Owl, OwlConfig, render_prompt
+from owl import Owl, OwlConfig, UserError, read_image, render_prompt
 from vit import VisionTransformer
 
 
@@ -54,6 +56,7 @@ class TrainConfig:
     warmup: int = 0  # warm-up steps (linear), then cosine to lr/10; 0 = 5% of the steps
     weight_decay: float = 0.01  # AdamW decoupled weight decay on matrices (not on norms, biases, queries)
     grad_clip: float = 1.0  # clip the global gradient norm to this
+    max_bad_steps: int = 10  # a NaN or infinite loss or gradient norm skips the step; this many in a row stop the run
     seq_len: int = 256  # tokens per sample, longer ones are truncated
     lora_r: int = 8  # LoRA rank (stage 2), as released
     lora_alpha: float = 32.0  # LoRA scale alpha; the update is (alpha / r) B A
@@ -98,7 +101,15 @@ def parse_args(argv=None) -> TrainConfig:
         p.error("--stage must be 0, 1, 2, all or eval")
     if cfg.stage == "eval" and not cfg.init:
         p.error("--stage eval needs --init CHECKPOINT")
+    if cfg.max_bad_steps < 1:
+        p.error("--max-bad-steps must be at least 1")
     return cfg
+
+
+def fail(sentence: str):
+    """A problem with the user's input or files: one sentence on stderr and exit status 2, as owl.py does."""
+    print(f"train: {sentence}", file=sys.stderr)
+    sys.exit(2)
 
 
 def _field_comments() -> dict:
@@ -186,7 +197,7 @@ def find_tokenizer(cfg: TrainConfig, stage: int) -> Path:
                  Path(cfg.data_dir) / "tokenizer.model"):
         if cand and Path(cand).exists():
             return Path(cand)
-    sys.exit("train: no tokenizer.model found; pass --tokenizer, or run `python data.py synth` first")
+    fail("no tokenizer.model found; pass --tokenizer, or run `python data.py synth` first")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -194,15 +205,20 @@ def find_tokenizer(cfg: TrainConfig, stage: int) -> Path:
 
 def load_samples(cfg: TrainConfig, stage: int, tokenizer: Tokenizer, tokens_per_image: int):
     d = Path(cfg.data_dir)
-    sources = list(cfg.data) or {0: [f"{d / 'corpus.txt'}"], 1: [f"{d / 'stage1.jsonl'}"],
+    sources = list(cfg.data) or {0: [f"{d / 'corpus.txt'}", f"{d / 'reading.jsonl'}"], 1: [f"{d / 'stage1.jsonl'}"],
                                  2: [f"{d / 'stage2_owl.jsonl'}", f"{d / 'stage2_llava.json'}",
                                      f"{d / 'stage2_alpaca.json'}:0.3"]}[stage]
     out = []
     for spec in sources:
         path, _, weight = spec.partition(":") if not Path(spec).exists() else (spec, "", "")
-        samples = data.load_training_samples(path, stage, tokenizer, tokens_per_image, cfg.seq_len)
+        if not Path(path).is_file():
+            fail(f"data file {path} does not exist")
+        try:
+            samples = data.load_training_samples(path, stage, tokenizer, tokens_per_image, cfg.seq_len)
+        except (ValueError, IndexError, KeyError, TypeError) as e:  # not JSON, or not the stage's format at all
+            fail(f"{path} is not stage-{stage} training data ({type(e).__name__}: {e})")
         if not samples:
-            sys.exit(f"train: {path} holds no usable sample")
+            fail(f"{path} holds no usable sample")
         out.append((samples, float(weight or 1.0)))
     return out
 
@@ -233,23 +249,24 @@ class ImageCache:
 
     def __call__(self, path: str, rng: random.Random) -> torch.Tensor:
         if self.augment:
-            return self.transform(data.augment(data.open_image(path), rng))
+            return self.transform(data.augment(read_image(path), rng))
         if path not in self.cache:
-            self.cache[path] = self.transform(data.open_image(path)).half()
+            self.cache[path] = self.transform(read_image(path)).half()
         return self.cache[path].float()
 
 
 def collate(samples, images: ImageCache, rng, device):
-    """Pad a micro-batch (right, label -100). A sample whose image cannot be read is skipped and counted."""
+    """Pad a micro-batch (right, label -100). A sample whose image cannot be read (missing, truncated, not an image,
+    over owl.MAX_PIXELS) is skipped and counted."""
     kept, pixels = [], []
     for s in samples:
         try:
             pixels += [images(p, rng) for p in s.images]
             kept.append(s)
-        except (OSError, ValueError, SyntaxError) as e:  # what PIL raises for missing, truncated or bad files
+        except UserError as e:
             images.failed += 1
             if images.failed == 1:
-                print(f"\nskipping samples with unreadable images, first: {s.images} ({e})", file=sys.stderr)
+                print(f"\ntrain: skipping samples with unreadable images, first: {e}", file=sys.stderr)
             pixels = pixels[: sum(len(k.images) for k in kept)]
     if not kept:
         return None
@@ -273,9 +290,20 @@ def summed_loss(model, ids, labels, pixels):
 # Checkpoints: written to a temporary file, then renamed, so a crash mid-save leaves the previous one intact.
 
 def atomic_save(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
+    tmp = path.with_suffix(path.suffix + ".tmp")  # a stale one, left by a killed save, is simply overwritten
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        # On disk before the rename: otherwise a power loss can persist the rename but not the data, leaving an
+        # empty or partial file under the final name where the previous checkpoint used to be.
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    if os.name == "posix":  # and the rename itself, which lives in the folder's entry
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
 
 
 def trainable_state(model) -> dict:
@@ -285,8 +313,64 @@ def trainable_state(model) -> dict:
 def run_signature(cfg: TrainConfig, stage: int, model_cfg: dict) -> dict:
     """What must match for --resume to continue a run: the stage, the model and the optimisation settings."""
     keep = ("steps", "batch_size", "lr", "abstractor_lr_scale", "seq_len", "lora_r", "lora_alpha", "lora_targets", "freeze_abstractor",
-            "seed", "weight_decay", "warmup")
+            "seed", "weight_decay", "warmup", "grad_clip", "lora_dropout", "augment")
     return {"stage": stage, "model": model_cfg, **{k: getattr(cfg, k) for k in keep}}
+
+
+def differences(saved: dict, now: dict, prefix: str = "") -> list:
+    """'NAME A in the checkpoint vs B now' for each setting that differs; model fields by their dotted name."""
+    out = []
+    for k in list(now) + [k for k in saved if k not in now]:
+        a, b = saved.get(k), now.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += differences(a, b, f"{prefix}{k}.")
+        elif isinstance(a, dict) or isinstance(b, dict):
+            out.append(f"{prefix}{k} differs")
+        elif a != b:
+            out.append(f"{prefix}{k} {a!r} in the checkpoint vs {b!r} now")
+    return out
+
+
+def resume_from(path: Path, signature: dict, model, opt) -> tuple:
+    """Put back the trainable parameters, the optimizer and the random state saved in train_state.pt; returns
+    (step, skipped steps). A state made with other settings is refused, naming each difference."""
+    if not path.exists():
+        print(f"train: --resume: there is no {path} yet, so the stage starts at step 0", file=sys.stderr)
+        return 0, 0
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        saved = state["signature"]
+    except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, TypeError) as e:
+        fail(f"--resume refused: {path} is not a train_state.pt Owl can read ({type(e).__name__}); move it away "
+             "to start the stage over")
+    diff = differences(saved, signature)
+    if diff:
+        shown = "; ".join(diff[:4]) + (f"; and {len(diff) - 4} more" if len(diff) > 4 else "")
+        fail(f"--resume refused: {path} was made with other settings ({shown}); pass the same settings, or start "
+             "anew in another --out-dir")
+    named = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, t in state["trainable"].items():
+            named[n].copy_(t)
+    opt.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"])
+    return state["step"], state["skipped"]
+
+
+def open_log(path: Path, step: int):
+    """metrics.jsonl: fresh for a fresh run; on resume, cut back to the saved step, since a run killed after its last
+    save logged steps that the resumed run does again (a line cut short by the kill goes too)."""
+    kept = []
+    if step and path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line + "\n")
+            except (ValueError, KeyError, TypeError):
+                pass
+    log = open(path, "w")
+    log.write("".join(kept))
+    return log
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -316,11 +400,11 @@ def train_stage(cfg: TrainConfig, stage: int, rank: int, world: int, device: str
     cfg = TrainConfig(**{**asdict(cfg), **{k: getattr(cfg, k) or v for k, v in defaults.items()}})
     cfg.warmup = cfg.warmup or max(1, cfg.steps // 20)
     if cfg.batch_size % world:
-        sys.exit(f"train: --batch-size {cfg.batch_size} is not divisible by the {world} ranks")
+        fail(f"--batch-size {cfg.batch_size} is not divisible by the {world} ranks")
     per_rank = cfg.batch_size // world
     micro = cfg.micro_batch or per_rank
     if per_rank % micro:
-        sys.exit(f"train: the per-rank batch {per_rank} is not divisible by --micro-batch {micro}")
+        fail(f"the per-rank batch {per_rank} is not divisible by --micro-batch {micro}")
     on_cuda = device.startswith("cuda")
     dtype = getattr(torch, cfg.dtype) if cfg.dtype else (torch.bfloat16 if on_cuda else torch.float32)
     torch.manual_seed(cfg.seed + stage)
@@ -346,21 +430,12 @@ def train_stage(cfg: TrainConfig, stage: int, rank: int, world: int, device: str
     opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.95), fused=on_cuda)
     model_cfg = asdict(model.cfg)
     signature = run_signature(cfg, stage, model_cfg)
-    step, state_path = 0, out / "train_state.pt"
-    if cfg.resume and state_path.exists():
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-        if state["signature"] != signature:
-            diff = [k for k in signature if state["signature"].get(k) != signature[k]]
-            sys.exit(f"train: --resume refused: {state_path} was made with a different {', '.join(diff)}")
-        named = dict(model.named_parameters())
-        with torch.no_grad():
-            for n, t in state["trainable"].items():
-                named[n].copy_(t)
-        opt.load_state_dict(state["optimizer"])
-        step = state["step"]
-        torch.set_rng_state(state["rng"])
-        if master:
+    step, skipped, state_path = 0, 0, out / "train_state.pt"
+    if cfg.resume:
+        step, skipped = resume_from(state_path, signature, model, opt)
+        if master and step:
             print(f"resuming stage {stage} at step {step}", file=sys.stderr)
+    saved_at = step if step else None  # the step train_state.pt holds
     # stage 2 mixes text-only batches, which leave f_K unused on a rank
     ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if on_cuda else None,
                                                           find_unused_parameters=stage == 2) if world > 1 else model
@@ -374,13 +449,22 @@ def train_stage(cfg: TrainConfig, stage: int, rank: int, world: int, device: str
     flops_per_token = 6 * n_params  # PaLM's estimate (attention term left out: short sequences)
     peak = peak_flops(device) * world
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda and dtype == torch.bfloat16 else nullcontext()
-    stop = {"now": False}
-    signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+    # SIGTERM or a first Ctrl-C asks to stop: the step under way finishes, then the state is saved. A second Ctrl-C
+    # interrupts at once and saves nothing, since the step it lands in may be half applied.
+    stop = {"asked": False}
+
+    def ask_to_stop(*_):
+        stop["asked"] = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    handlers = {sig: signal.signal(sig, ask_to_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def save_state():
+        nonlocal saved_at
         if master:
             atomic_save({"signature": signature, "trainable": trainable_state(model), "optimizer": opt.state_dict(),
-                         "step": step, "rng": torch.get_rng_state()}, state_path)
+                         "step": step, "skipped": skipped, "rng": torch.get_rng_state()}, state_path)
+        saved_at = step
 
     model.train()
     frozen = {0: [], 1: [getattr(model, "language_model", None)],
@@ -388,9 +472,10 @@ def train_stage(cfg: TrainConfig, stage: int, rank: int, world: int, device: str
     for part in filter(None, frozen):
         part.eval()  # a frozen part runs as at inference: no dropout
     bar = tqdm(total=cfg.steps, initial=step, disable=not master, desc=f"stage {stage}", dynamic_ncols=True)
-    log = open(out / "metrics.jsonl", "a" if step else "w") if master else None  # a fresh run starts a fresh log
+    log = open_log(out / "metrics.jsonl", step) if master else None
+    stopping, bad_in_a_row = False, 0
     try:
-        while step < cfg.steps and not stop["now"]:
+        while step < cfg.steps and not stopping and bad_in_a_row < cfg.max_bad_steps:
             t0 = time.time()
             batch = order[step * cfg.batch_size: (step + 1) * cfg.batch_size]
             n_targets = sum(sum(label != -100 for label in s.labels[1:]) for s in batch)
@@ -414,41 +499,63 @@ def train_stage(cfg: TrainConfig, stage: int, rank: int, world: int, device: str
                     loss.backward()
                 total += loss.item() / world
                 tokens += ids.numel()
+            # Every rank must decide alike whether to skip and whether to stop: the loss is summed over the ranks
+            # (and a stop request with it), and the gradient norm comes from DDP's averaged gradients.
+            agreed = torch.tensor([total, float(stop["asked"])], dtype=torch.float64, device=device)
             if world > 1:
-                t = torch.tensor([total], device=device)
-                dist.all_reduce(t)
-                total = t.item()
-            norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
+                dist.all_reduce(agreed)
+            total, stopping = agreed[0].item(), agreed[1].item() > 0
+            norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+            if math.isfinite(total) and math.isfinite(norm):
+                opt.step()
+                bad_in_a_row = 0
+            else:  # skipped: parameters and optimizer untouched; the batch and the lr schedule's step are used up
+                skipped, bad_in_a_row = skipped + 1, bad_in_a_row + 1
             opt.zero_grad(set_to_none=True)
             step += 1
             dt = time.time() - t0
             if master:
                 tps = tokens * world / dt
-                stats = {"stage": stage, "step": step, "loss": round(total, 4), "lr": lr_at(step - 1, cfg),
-                         "grad_norm": round(float(norm), 4), "tokens_per_s": round(tps, 1)}
+                stats = {"stage": stage, "step": step, "loss": round(total, 4) if math.isfinite(total) else None,
+                         "lr": lr_at(step - 1, cfg), "grad_norm": round(norm, 4) if math.isfinite(norm) else None,
+                         "tokens_per_s": round(tps, 1), "skipped_steps": skipped}
                 if peak:
                     stats["mfu"] = round(tps * flops_per_token / peak, 4)
                 log.write(json.dumps(stats) + "\n")
                 log.flush()  # readable while the run goes on (tail -f)
                 bar.set_postfix(loss=f"{total:.3f}", lr=f"{stats['lr']:.1e}", tok_s=f"{tps:.0f}",
                                 **({"mfu": f"{stats['mfu']:.1%}"} if peak else {}),
+                                **({"skipped": skipped} if skipped else {}),
                                 **({"bad_images": images.failed} if images.failed else {}))
                 bar.update(1)
-            if cfg.save_every and step % cfg.save_every == 0:
+            # only after a good step, so that train_state.pt always holds the state a good step left
+            if cfg.save_every and step % cfg.save_every == 0 and not bad_in_a_row:
                 save_state()
             if cfg.eval_every and step % cfg.eval_every == 0 and master:
                 val = validation_loss(model, cfg, stage, tokenizer, tpi, images, device, autocast)
                 if val is not None:
                     log.write(json.dumps({"stage": stage, "step": step, "val_loss": round(val, 4)}) + "\n")
     except KeyboardInterrupt:
-        stop["now"] = True
+        if master:
+            print(f"\ntrain: interrupted in step {step + 1}; {state_path} holds step {saved_at}", file=sys.stderr)
+        sys.exit(130)
     finally:
         bar.close()
-    save_state()  # also on SIGTERM / Ctrl-C, so --resume continues from here
-    if stop["now"]:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    if bad_in_a_row >= cfg.max_bad_steps:
+        # the weights that give NaN may be where the trouble lies, so they are not saved over the last good state
         if master:
-            print(f"stopped at step {step}; continue with --resume", file=sys.stderr)
+            log.close()
+            kept = f"{state_path} still holds step {saved_at}" if saved_at else "no train_state.pt was saved"
+            print(f"train: stopped at step {step} after {bad_in_a_row} steps in a row with a NaN or infinite loss "
+                  f"or gradient norm; {kept} (try a lower --lr, or check the data)", file=sys.stderr)
+        sys.exit(1)
+    save_state()  # also on SIGTERM / Ctrl-C, so --resume continues from here
+    if stopping:
+        if master:
+            log.close()
+            print(f"train: stopped at step {step}; continue with --resume", file=sys.stderr)
         sys.exit(130)
     if master:
         val = validation_loss(model, cfg, stage, tokenizer, tpi, images, device, autocast)
@@ -530,7 +637,7 @@ def plot_losses(metrics: Path, png: Path) -> None:
     from PIL import Image, ImageDraw
 
     rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    losses = [r["loss"] for r in rows if "loss" in r]
+    losses = [r["loss"] for r in rows if r.get("loss") is not None]  # a skipped step has none
     if len(losses) < 2:
         return
     W, H, pad = 640, 360, 40
@@ -565,4 +672,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
+    warnings.formatwarning = lambda message, *_, **__: f"train: {message}\n"  # one line, without the source line
     main()

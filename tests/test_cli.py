@@ -72,7 +72,26 @@ def files(tokenizer_model, tmp_path_factory):
     variant("key-reshaped", edit_weights=lambda w: w.update({KEY_RESHAPED: w[KEY_RESHAPED].t().contiguous()}))
     variant("truncated-weights", lambda p: (p / "model.safetensors").write_bytes(
         (p / "model.safetensors").read_bytes()[:5000]))
+    variant("pickled-code", lambda p: write_bin_with_code(p, d / "pwned"))
     return d
+
+
+class WritesMarker:
+    """Unpickling this calls open(marker, "w"): code that runs, with a file to show it ran."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def write_bin_with_code(folder: Path, marker: Path) -> None:
+    """The checkpoint as pytorch_model.bin, one of its tensors swapped for a pickled call."""
+    weights = dict(load_file(folder / "model.safetensors"))
+    weights["language_model.model.norm.weight"] = WritesMarker(marker)
+    torch.save(weights, folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
 
 
 BAD_LINES = {"not-json": '{"prompt": "Hi"', "no-prompt": '{"image": ["img0.png"]}',
@@ -96,8 +115,13 @@ def bad_inputs(d: Path) -> dict:
         "a key removed": (["--checkpoint", d / "key-removed", *prompt], [KEY_REMOVED, "missing"]),
         "a shape mismatch": (["--checkpoint", d / "key-reshaped", *prompt], [KEY_RESHAPED, "(64, 128)", "(128, 64)"]),
         "truncated weights file": (["--checkpoint", d / "truncated-weights", *prompt], ["truncated-weights"]),
+        "a .bin that holds code": (["--checkpoint", d / "pickled-code", *prompt], ["pickled-code", "more than tensors"]),
         "raw prompt with wrong <image> count": (
             [*ok, "--raw-prompt", "--prompt", "Human: <image>\nHuman: <image>\nAI: ", *GREEDY], ["<image>", "2", "1"]),
+        "raw prompt with too few <image> tags": (
+            [*ok, "--image", d / "img1.png", "--raw-prompt", "--prompt", "Human: <image>\nAI: ", *GREEDY],
+            ["1 <image> tags but 2 images"]),
+        "<image> in a plain question": ([*ok, "--prompt", "<image> what is it?", *GREEDY], ["<image>", "--raw-prompt"]),
         "prompt longer than the context": ([*ok, "--prompt", "the cat " * 400, *GREEDY], ["context"]),
         "empty prompt": ([*ok, "--prompt", "  ", *GREEDY], ["empty"]),
         "image over the pixel limit": (["--checkpoint", d / "ckpt", "--image", d / "huge.png", *prompt],
@@ -123,6 +147,7 @@ def runs(files) -> dict:
     argvs.update({
         "answer": ["--checkpoint", d / "ckpt", "--image", d / "img0.png", "--prompt", QUESTION, *GREEDY],
         "help": ["--help"],
+        "unknown flag": ["--checkpoint", d / "ckpt", "--no-such-flag", "--prompt", QUESTION],
         "raw two images": ["--checkpoint", d / "ckpt", "--image", d / "img0.png", "--image", d / "img1.png",
                            "--raw-prompt", "--prompt", RAW_TWO_IMAGES, *GREEDY],
         "bfloat16": ["--checkpoint", d / "ckpt", "--image", d / "img0.png", "--prompt", QUESTION, "--dtype",
@@ -184,6 +209,17 @@ def test_cli_bad_input_exits_2_with_one_sentence_and_no_traceback(files, runs, c
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1, r.stderr
     assert all(thing in lines[0] for thing in must_mention), lines[0]
+
+
+def test_cli_an_unknown_flag_exits_2_with_the_usage(runs):
+    r = runs["unknown flag"]
+    assert r.returncode == 2 and r.stdout == "" and "Traceback" not in r.stderr
+    assert r.stderr.startswith("usage: owl.py") and "unrecognized arguments: --no-such-flag" in r.stderr
+
+
+def test_cli_a_bin_that_holds_code_is_refused_without_running_it(files, runs):
+    assert runs["a .bin that holds code"].returncode == 2
+    assert not (files / "pwned").exists()  # the pickled call never ran
 
 
 def test_cli_without_prompt_chats_with_history_in_the_template(files):

@@ -11,8 +11,10 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
+from llama import Tokenizer  # noqa: E402
 
-SMALL = ["--n-train", "40", "--n-owl", "40", "--n-llava", "20", "--n-alpaca", "30", "--n-heldout", "25"]
+SMALL = ["--n-train", "40", "--n-owl", "40", "--n-llava", "20", "--n-alpaca", "30", "--n-heldout", "25",
+         "--n-reading", "30"]
 
 
 def _synth(root, seed):
@@ -26,7 +28,7 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("synth")
     a, again = _synth(root, 0), _synth(root / "again", 0)
     more_train = str(root / "more_train")
-    data.synth(more_train, seed=0, n_train=45, n_owl=5, n_llava=5, n_alpaca=5, n_heldout=25)
+    data.synth(more_train, seed=0, n_train=45, n_owl=5, n_llava=5, n_alpaca=5, n_heldout=25, n_reading=5)
     return {"a": a, "again": again, "other": _synth(root, 1), "more_train": more_train}
 
 
@@ -49,7 +51,7 @@ def test_same_seed_same_files_other_seed_other_files(runs):
     a, again, other = (_files(runs[k]) for k in ("a", "again", "other"))
     assert a == again
     assert {"stage1.jsonl", "stage2_owl.jsonl", "stage2_llava.json", "stage2_alpaca.json", "corpus.txt",
-            "heldout.jsonl", "tokenizer.model", "scenes.jsonl"} <= set(a)
+            "reading.jsonl", "heldout.jsonl", "tokenizer.model", "scenes.jsonl"} <= set(a)
     assert sum(name.startswith("images/") for name in a) == 40 + 25
     for name in ("stage1.jsonl", "stage2_owl.jsonl", "heldout.jsonl", "images/s_00000.png", "images/h_00000.png"):
         assert a[name] != other[name], name
@@ -60,7 +62,7 @@ def test_help_explains_every_flag(capsys):
         data.main(["synth", "--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
-    for flag in ("--out", "--seed", "--n-train", "--n-owl", "--n-llava", "--n-alpaca", "--n-heldout"):
+    for flag in ("--out", "--seed", "--n-train", "--n-owl", "--n-llava", "--n-alpaca", "--n-heldout", "--n-reading"):
         assert flag in text
 
 
@@ -171,6 +173,40 @@ def test_generated_files_load_completely(runs):
     texts = [r["text"] for r in _jsonl(os.path.join(folder, "stage2_owl.jsonl"))]
     assert [data.render_owl_text(c.turns) for c in owl] == texts
     assert any(len(c.images) == 2 for c in owl) and any(len(c.turns) > 1 for c in owl + llava)
+
+
+def test_reading_chats_answer_from_the_scene_in_their_first_line(runs):
+    """Stage 0's chats put a scene in words where stage 2 puts an image; their answers follow from those words."""
+    docs = [r["text"] for r in _jsonl(os.path.join(runs["a"], "reading.jsonl"))]
+    assert len(docs) == 30 and any(d.startswith(data.SYSTEM) for d in docs) and any(d.startswith("Human: ") for d in docs)
+    for doc in docs:
+        body = doc[len(data.SYSTEM) + 1:] if doc.startswith(data.SYSTEM) else doc
+        described, *turns = body.split("\nHuman: ")
+        facts = set(data._words(described))
+        for turn in turns:
+            question, answer = turn.split("\nAI: ")
+            # every colour, shape, number and position the answer names is in the description
+            named = {w for w in data._words(answer)
+                     if w in data.COLORS or w in data.SHAPES or w in data.POSITIONS or w.isdigit()}
+            assert named and named <= facts, (described, question, answer)
+
+
+def test_a_stage0_chat_is_learnt_on_its_answers_tokenised_as_stage2_does(runs):
+    tok = Tokenizer(os.path.join(runs["a"], "tokenizer.model"))
+    turns = [("What color is the shape?", "The shape is red."), ("What shape is it?", "It is a circle.")]
+    doc = data.SYSTEM + "\nHuman: There is 1 shape: a red circle at the top." + "".join(
+        data.render_turn(q) + a for q, a in turns)
+    got = data.build_sample(tok, data.document_segments(doc), [], 65, 512)
+    # the stage-2 sample of the same conversation with the description in a question's place
+    conv = data.Conversation([], [("There is 1 shape: a red circle at the top.\nWhat color is the shape?", turns[0][1]),
+                                  turns[1]])
+    want = data.build_sample(tok, data.conversation_segments(conv), [], 65, 512)
+    labelled = [t for t in got.labels if t != -100]
+    assert labelled == [t for t in want.labels if t != -100]
+    assert labelled == tok.encode("The shape is red.") + [tok.eos_id] + tok.encode("It is a circle.") + [tok.eos_id]
+    assert got.ids.count(tok.eos_id) == 2  # one after each answer
+    plain = data.build_sample(tok, data.document_segments("There is 1 shape."), [], 65, 512)
+    assert plain.labels[1:] == plain.ids[1:]  # a plain document is learnt whole
 
 
 def test_malformed_entries_are_skipped_and_counted(tmp_path):

@@ -1,11 +1,15 @@
 """Training: labels built segment by segment, the three stage-2 formats, DDP equivalence, resume, what each stage
-trains. Runs train.py for real (as a subprocess, as a user would) on a tiny synthetic data set."""
+trains, and training that loses nothing (NaN steps skipped, SIGTERM / Ctrl-C / SIGKILL survived, bad input refused
+in one sentence). Runs train.py for real (as a subprocess, as a user would) on a tiny synthetic data set; the checks
+that patch the loss or read stderr call train.main in this process."""
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -16,6 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import data  # noqa: E402
+import train  # noqa: E402
+from conftest import write_huge_png  # noqa: E402
 from llama import Tokenizer  # noqa: E402
 from owl import IMAGE_ID, Owl, render_prompt, tokenize  # noqa: E402
 
@@ -34,7 +40,7 @@ def run(*args, check=True, **kw):
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):
     d = tmp_path_factory.mktemp("synth")
-    data.synth(str(d), seed=3, n_train=120, n_owl=60, n_llava=30, n_alpaca=30, n_heldout=10)
+    data.synth(str(d), seed=3, n_train=120, n_owl=60, n_llava=30, n_alpaca=30, n_heldout=10, n_reading=60)
     return d
 
 
@@ -183,28 +189,209 @@ def test_resume_reproduces_the_uninterrupted_run(synth, stage0, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_mismatched_resume_is_refused(synth, stage0, tmp_path):
-    common = ["--stage", "2", "--data-dir", str(synth), "--init", str(stage0 / "stage1"), *SMALL]
-    run(*common, "--steps", "1", "--out-dir", str(tmp_path))
-    p = run(*common, "--steps", "1", "--lora-r", "4", "--out-dir", str(tmp_path), "--resume", check=False)
-    assert p.returncode != 0 and "lora_r" in p.stderr and "Traceback" not in p.stderr
+def train_main(capsys, *argv) -> tuple:
+    """train.main in this process: (exit status, stderr without the progress bar)."""
+    try:
+        train.main([str(a) for a in argv])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    return code, "\n".join(line for line in err.splitlines() if line.strip() and "|" not in line)
+
+
+def test_mismatched_resume_is_refused_naming_each_difference(synth, tmp_path, capsys):
+    common = ["--data-dir", synth, "--out-dir", tmp_path, "--batch-size", "4", "--seq-len", "64"]
+    text = ["--data", synth / "corpus.txt"]  # stage 0 on its smallest file
+    assert train_main(capsys, "--stage", "0", *common, *text, "--steps", "2", "--lr", "0.001")[0] == 0
+    state = tmp_path / "stage0" / "train_state.pt"
+    code, err = train_main(capsys, "--stage", "0", *common, *text, "--steps", "2", "--lr", "0.002", "--resume")
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert f"{state} was made with other settings (lr 0.001 in the checkpoint vs 0.002 now)" in err
+    code, err = train_main(capsys, "--stage", "0", *common, *text, "--steps", "3", "--lr", "0.001", "--grad-clip",
+                           "2", "--resume")
+    assert code == 2 and "steps 2 in the checkpoint vs 3 now; grad_clip 1.0 in the checkpoint vs 2.0 now" in err
+    # another stage's state under this stage's name: the stage and the model differ
+    (tmp_path / "stage1").mkdir()
+    (tmp_path / "stage1" / "train_state.pt").write_bytes(state.read_bytes())
+    code, err = train_main(capsys, "--stage", "1", *common, "--steps", "2", "--llm-init", tmp_path / "stage0",
+                           "--resume")
+    assert code == 2 and len(err.splitlines()) == 1 and "(stage 0 in the checkpoint vs 1 now; model." in err, err
+    # and a file that is no train_state.pt at all
+    state.write_bytes(b"not a checkpoint")
+    code, err = train_main(capsys, "--stage", "0", *common, *text, "--steps", "2", "--lr", "0.001", "--resume")
+    assert code == 2 and f"{state} is not a train_state.pt Owl can read" in err and "Traceback" not in err, err
 
 
 def test_missing_and_corrupt_images_skip_their_samples(tmp_path, synth, tok):
     import random as _random
-    import train
+
     from vit import ImageTransform
 
     good = sorted((synth / "images").glob("s_*.png"))[:2]
     (tmp_path / "corrupt.png").write_bytes(good[0].read_bytes()[:60])  # a truncated PNG
+    write_huge_png(tmp_path / "huge.png", 20000, 20000)  # 400 megapixels in 70 bytes: refused from its header
     lines = [{"image": str(good[0]), "caption": "a red circle."}, {"image": "nowhere.png", "caption": "a blue square."},
              {"image": str(tmp_path / "corrupt.png"), "caption": "a green triangle."},
-             {"image": str(good[1]), "caption": "a yellow square."}, "not json"]
+             {"image": str(good[1]), "caption": "a yellow square."}, "not json",
+             {"image": str(tmp_path / "huge.png"), "caption": "a red square."}]
     (tmp_path / "c.jsonl").write_text("\n".join(l if isinstance(l, str) else json.dumps(l) for l in lines) + "\n")
     with pytest.warns(UserWarning) as caught:
         samples = data.load_training_samples(tmp_path / "c.jsonl", 1, tok, 17, 64)
-    text = " ".join(str(w.message) for w in caught)
-    assert len(samples) == 3 and "1 malformed" in text and "1 samples whose image file is missing" in text
+    text = [str(w.message) for w in caught]
+    assert len(samples) == 4 and "\n" not in "".join(text)
+    assert any("skipped 1 malformed of 6 entries (first: line 5: JSONDecodeError" in t for t in text), text
+    assert any("skipped 1 samples whose image file is missing" in t for t in text), text
     cache = train.ImageCache(ImageTransform(32), augment=False)
+    start = time.perf_counter()
     ids, labels, pixels = train.collate(samples, cache, _random.Random(0), "cpu")
-    assert ids.shape[0] == 2 and pixels.shape == (2, 3, 32, 32) and cache.failed == 1
+    assert ids.shape[0] == 2 and pixels.shape == (2, 3, 32, 32) and cache.failed == 2
+    assert time.perf_counter() - start < 1.0  # the 400-megapixel image was not decoded
+
+
+# --- training that loses nothing ----------------------------------------------------------------------------------
+
+def patch_loss(monkeypatch, bad: dict) -> list:
+    """train.summed_loss, made bad on the training forward passes named in `bad` ({pass number: "nan loss" or
+    "nan grad"}); returns the list that receives, at each training forward pass, a copy of the parameters it saw."""
+    real, seen = train.summed_loss, []
+
+    def summed_loss(model, ids, labels, pixels):
+        if model.training:  # the validation loss runs in eval mode
+            seen.append({n: p.detach().clone() for n, p in model.named_parameters()})
+        loss = real(model, ids, labels, pixels)
+        kind = bad.get(len(seen)) if model.training else None
+        if kind == "nan loss":
+            return loss * float("nan")
+        if kind == "nan grad":  # a finite loss (sqrt(0) = 0) whose gradient is 0 * inf = NaN
+            return loss + (next(model.parameters()) * 0).sum().sqrt()
+        return loss
+
+    monkeypatch.setattr(train, "summed_loss", summed_loss)
+    return seen
+
+
+def metric_rows(out: Path) -> list:
+    return [json.loads(l) for l in (out / "stage0" / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+
+
+def test_a_step_with_a_nan_loss_or_gradient_is_skipped_and_changes_nothing(synth, tmp_path, monkeypatch, capsys):
+    seen = patch_loss(monkeypatch, {3: "nan loss", 5: "nan grad"})
+    code, err = train_main(capsys, "--stage", "0", "--data-dir", synth, "--out-dir", tmp_path, "--steps", "6",
+                           "--data", synth / "corpus.txt", "--batch-size", "4", "--seq-len", "64")
+    assert code == 0, err
+    same = [all(torch.equal(seen[i][n], seen[i + 1][n]) for n in seen[i]) for i in range(5)]
+    assert same == [False, False, True, False, True]  # steps 3 and 5 left every parameter as it was
+    rows = metric_rows(tmp_path)
+    assert [r["loss"] is None for r in rows] == [False, False, True, False, False, False]
+    assert [r["grad_norm"] is None for r in rows] == [False, False, True, False, True, False]
+    assert [r["skipped_steps"] for r in rows] == [0, 0, 1, 1, 2, 2]
+    state = torch.load(tmp_path / "stage0" / "train_state.pt", weights_only=True)
+    assert state["step"] == 6 and state["skipped"] == 2
+    # AdamW stepped 4 times, not 6: its moments and bias correction never saw a bad step
+    assert {float(s["step"]) for s in state["optimizer"]["state"].values()} == {4.0}
+    assert all(torch.isfinite(t).all() for t in state["trainable"].values())
+    assert (tmp_path / "stage0" / "model.safetensors").exists()
+
+
+def test_too_many_bad_steps_in_a_row_stop_the_run_and_keep_the_last_good_state(synth, tmp_path, monkeypatch,
+                                                                              capsys):
+    seen = patch_loss(monkeypatch, {k: "nan loss" for k in range(4, 20)})
+    code, err = train_main(capsys, "--stage", "0", "--data-dir", synth, "--out-dir", tmp_path, "--steps", "12",
+                           "--data", synth / "corpus.txt", "--batch-size", "4", "--seq-len", "64", "--save-every", "1",
+                           "--max-bad-steps", "3")
+    state_path = tmp_path / "stage0" / "train_state.pt"
+    assert code == 1 and "Traceback" not in err, err
+    assert (f"train: stopped at step 6 after 3 steps in a row with a NaN or infinite loss or gradient norm; {state_path} "
+            "still holds step 3") in err.splitlines()[-1]
+    assert len(seen) == 6 and [r["skipped_steps"] for r in metric_rows(tmp_path)] == [0, 0, 0, 1, 2, 3]
+    state = torch.load(state_path, weights_only=True)
+    assert state["step"] == 3 and state["skipped"] == 0
+    assert all(torch.equal(t, seen[3][n]) for n, t in state["trainable"].items())  # as step 3 left them
+    assert not (tmp_path / "stage0" / "model.safetensors").exists()
+
+
+def test_killed_and_interrupted_runs_resume_to_the_uninterrupted_result(synth, stage0, tmp_path):
+    """SIGKILL at seeded moments, some inside torch.save, and a Ctrl-C: after each, train_state.pt (when there is
+    one) loads, a stale .tmp does not matter, and --resume ends with exactly the parameters of the run never stopped
+    (the stage0 fixture: same seed, same steps) and with each step logged once."""
+    out = tmp_path / "r"
+    argv = [sys.executable, str(ROOT / "train.py"), "--stage", "0", "--data-dir", str(synth), "--out-dir", str(out),
+            "--steps", "20", *SMALL, "--save-every", "1", "--resume"]
+    state, tmp = out / "stage0" / "train_state.pt", out / "stage0" / "train_state.pt.tmp"
+    metrics = out / "stage0" / "metrics.jsonl"
+    rng = random.Random(0)
+
+    def mtime(path):
+        return path.stat().st_mtime_ns if path.exists() else None
+
+    def logged():
+        return len(metrics.read_text().splitlines()) if metrics.exists() else 0
+
+    def new_save(start, min_bytes):  # a save begun after `start`, so most likely under way (into the .tmp or the file)
+        def ready():
+            written = tmp.stat().st_size if tmp.exists() else -1
+            return (mtime(tmp) not in (None, start["tmp"]) and written >= min_bytes) or \
+                mtime(state) not in (None, start["state"])
+        return ready
+
+    def steps_done(start, n):  # counted from the log's length before the run (which --resume may cut back first)
+        return lambda: logged() >= start["logged"] + n
+
+    left_tmp = []
+    # (signal, after N more logged steps or as a save has written N bytes, then a seeded random delay)
+    for sig, after, delay in [(signal.SIGKILL, "save 0", 0), (signal.SIGINT, 2, 0), (signal.SIGKILL, 1, rng.random() / 4),
+                              (signal.SIGKILL, "save 1", 0)]:
+        start = {"tmp": mtime(tmp), "state": mtime(state), "logged": logged()}
+        ready = new_save(start, int(after[5:])) if isinstance(after, str) else steps_done(start, after)
+        with open(tmp_path / "stderr.txt", "w") as err:
+            proc = subprocess.Popen(argv, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=err)
+            while proc.poll() is None and not ready():
+                time.sleep(0.001)
+            time.sleep(delay)
+            assert proc.poll() is None, f"the run ended before the {sig.name}: {(tmp_path / 'stderr.txt').read_text()}"
+            proc.send_signal(sig)
+            proc.wait(timeout=60)
+        assert proc.returncode == (130 if sig == signal.SIGINT else -signal.SIGKILL)
+        left_tmp.append(tmp.exists())
+        if state.exists():
+            saved = torch.load(state, weights_only=True)
+            assert 0 < saved["step"] < 20
+            if sig == signal.SIGINT:  # Ctrl-C: the step under way finished and was saved
+                assert saved["step"] == json.loads(metrics.read_text().splitlines()[-1])["step"]
+    assert any(left_tmp), "no SIGKILL landed inside a save"
+    run(*argv[2:])
+    a = load_file(stage0 / "stage0" / "model.safetensors")
+    b = load_file(out / "stage0" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["step"] for r in metric_rows(out)] == list(range(1, 21))
+
+
+@pytest.mark.parametrize("case", ["missing data file", "data file that is not JSON", "only malformed lines"])
+def test_bad_training_data_exits_2_with_one_sentence(synth, stage0, tmp_path, capsys, case):
+    (tmp_path / "bad.json").write_text("[{not json\n")
+    (tmp_path / "bad.jsonl").write_text("{not json\n" + json.dumps({"image": "a.png"}) + "\n")
+    stage, data_file, said = {"missing data file": ("0", "nope.txt", "does not exist"),
+                              "data file that is not JSON": ("2", "bad.json", "is not stage-2 training data"),
+                              "only malformed lines": ("1", "bad.jsonl", "holds no usable sample")}[case]
+    with pytest.warns(UserWarning) if case == "only malformed lines" else nullcontext():
+        code, err = train_main(capsys, "--stage", stage, "--data-dir", synth, "--out-dir", tmp_path / "out",
+                               "--llm-init", stage0 / "stage0", "--data", tmp_path / data_file, "--steps", "1")
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith("train: ") and str(tmp_path / data_file) in err and said in err
+
+
+def test_an_unknown_flag_exits_2_with_the_usage(capsys):
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(["--steps", "3", "--no-such-flag"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("usage: ") and "unrecognized arguments: --no-such-flag" in err
+
+
+def test_help_explains_every_flag(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    for name, comment in train._field_comments().items():
+        assert "--" + name.replace("_", "-") in shown and " ".join(comment.split()) in shown, name
+    assert len(train._field_comments()) == len(train.fields(train.TrainConfig))
