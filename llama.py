@@ -11,13 +11,12 @@ layout). Meta's original `consolidated.*.pth` layout is converted on load (the q
 import json
 from dataclasses import dataclass, fields
 from pathlib import Path
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from typing import Iterator, List, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 @dataclass
@@ -93,10 +92,21 @@ def rope_tables(cfg: LlamaConfig, length: int, device) -> tuple:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, heads, T, head_dim); cos/sin (B or 1, 1, T, head_dim)."""
+    """x (B, heads, T, head_dim); cos/sin (B or 1, 1, T, head_dim) in x's dtype."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+    return x * cos + rotated * sin
+
+
+@contextmanager
+def onednn_disabled():
+    """PyTorch's own CPU kernels instead of oneDNN's for the ops run inside (a process-wide switch, restored after)."""
+    before = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = before
 
 
 class Attention(nn.Module):
@@ -122,9 +132,12 @@ class Attention(nn.Module):
             self.cache_v[:B, :, start_pos: start_pos + T] = v
             k, v = self.cache_k[:B, :, : start_pos + T], self.cache_v[:B, :, : start_pos + T]
         gqa = self.cfg.num_kv_heads != self.cfg.num_heads
-        # On CPU the flash kernel has a fixed cost of milliseconds per call; for a single decoded token the math
-        # kernel is ~50x faster (measured), and it computes the same thing.
-        with sdpa_kernel(SDPBackend.MATH) if T == 1 and x.device.type == "cpu" else nullcontext():
+        # SDPA's flash kernel serves a single decoded token on CPU too (torch 2.13: as fast as the math kernel at 1
+        # thread, 2.5x faster at 2 threads on a busy machine). In bf16 that kernel is 3x slower than in float32 for
+        # one query, even counting the casts of the cache (measured: 0.2 vs 0.07 ms for 16 heads x 120 positions).
+        if T == 1 and x.device.type == "cpu" and q.dtype == torch.bfloat16:
+            y = self._sdpa(q.float(), k.float(), v.float(), T, mask, gqa).to(q.dtype)
+        else:
             y = self._sdpa(q, k, v, T, mask, gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -183,9 +196,12 @@ class Llama(nn.Module):
             self._rope = rope_tables(self.cfg, self.cfg.max_position_embeddings, device)
         return self._rope
 
-    def forward(self, input_ids=None, inputs_embeds=None, start_pos: int = 0, positions=None, mask=None):
+    def forward(self, input_ids=None, inputs_embeds=None, start_pos: int = 0, positions=None, mask=None,
+                last_only: bool = False):
         """start_pos: where these tokens sit in the KV cache (0 without a cache). positions (B, T): explicit RoPE
-        positions, for left-padded batches; mask: a boolean attention mask (B, 1, T, start_pos + T), True = attend."""
+        positions, for left-padded batches; mask: a boolean attention mask (B, 1, T, start_pos + T), True = attend.
+        last_only: logits of the last position alone, (B, 1, vocab): all that generating the next token needs (at
+        hidden 1024 the lm_head weighs as much as 2.5 decoder layers; over a whole prompt that is wasted work)."""
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         T = x.shape[1]
         end = start_pos + T if positions is None else int(positions.max()) + 1  # left pads hold no position
@@ -196,14 +212,22 @@ class Llama(nn.Module):
             cos, sin = cos[start_pos: start_pos + T][None, None], sin[start_pos: start_pos + T][None, None]
         else:
             cos, sin = cos[positions][:, None], sin[positions][:, None]  # (B, 1, T, head_dim)
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # once here, not in each layer's q and k
         if mask is None and T > 1 and start_pos > 0:  # a chunk appended to a cache: causal within, sees all before
             mask = torch.ones(T, start_pos + T, dtype=torch.bool, device=x.device).tril(start_pos)
-        for layer in self.model.layers:
-            if self.grad_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, start_pos, mask, use_reentrant=False)
-            else:
-                x = layer(x, cos, sin, start_pos, mask)
-        return self.lm_head(self.model.norm(x)).float()
+        # One token of one sequence in bf16 on CPU (a decode step): every Linear is a matrix-vector product, which
+        # oneDNN runs at half the memory bandwidth (it re-packs each weight matrix on every call) and PyTorch's own
+        # kernel runs at full speed (bench.py measures both). Matrices (prompts, batches, training) keep oneDNN.
+        one_bf16_row = x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.shape[0] * T == 1
+        with onednn_disabled() if one_bf16_row else nullcontext():
+            for layer in self.model.layers:
+                if self.grad_checkpointing and self.training:
+                    x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, start_pos, mask, use_reentrant=False)
+                else:
+                    x = layer(x, cos, sin, start_pos, mask)
+            if last_only:
+                x = x[:, -1:]
+            return self.lm_head(self.model.norm(x)).float()
 
     def setup_cache(self, batch_size: int, max_len: int = 0) -> None:
         """Pre-allocate every layer's KV cache once, so decoding writes in place instead of concatenating."""
@@ -226,7 +250,7 @@ class Llama(nn.Module):
         T = x.shape[1]
         self.setup_cache(1, min(self.cfg.max_position_embeddings, T + max_new_tokens))
         try:
-            logits = self(inputs_embeds=x, start_pos=0)[:, -1]
+            logits = self(inputs_embeds=x, start_pos=0, last_only=True)[:, -1]
             for i in range(max_new_tokens):
                 token = sample(logits, temperature, top_k, top_p, generator)
                 yield token
@@ -255,7 +279,8 @@ class Llama(nn.Module):
         self.setup_cache(B, T + min(max_new_tokens, context - min(lengths)))
         answers, rows = [[] for _ in range(B)], list(range(B))  # rows: the rows still in the batch, in cache order
         try:
-            logits = self(inputs_embeds=inputs_embeds, positions=positions, mask=mask[:, None])[:, -1]  # (B, vocab)
+            logits = self(inputs_embeds=inputs_embeds, positions=positions, mask=mask[:, None],
+                          last_only=True)[:, -1]  # (B, vocab)
             for i in range(max_new_tokens):
                 tokens = [sample(logits[j: j + 1], temperature, top_k, top_p, generator) for j in range(len(rows))]
                 for row, token in zip(rows, tokens):

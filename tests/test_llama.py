@@ -94,6 +94,32 @@ def test_kv_cache_decoding_equals_one_full_forward(hf_and_folder):
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
 
 
+def test_last_only_gives_the_last_row_of_the_full_logits(hf_and_folder):
+    """Generation needs the next token's logits only; the lm_head then skips the rest of the prompt."""
+    _, folder = hf_and_folder
+    model = Llama.from_hf(folder).eval()
+    ids = ids_for_test()
+    with torch.no_grad():
+        last = model(ids, last_only=True)
+    assert last.shape == (2, 1, TINY["vocab_size"])
+    torch.testing.assert_close(last, ours_logits(model, ids)[:, -1:], atol=1e-5, rtol=0)
+
+
+def test_a_bf16_decode_step_on_cpu_matches_the_full_forward_and_leaves_onednn_on(hf_and_folder):
+    """One bf16 token runs its matrix-vector products on PyTorch's own kernel (not oneDNN), only for that step."""
+    _, folder = hf_and_folder
+    model = Llama.from_hf(folder, dtype=torch.bfloat16).eval()
+    ids = ids_for_test(B=1, T=9)
+    with torch.no_grad():
+        full = model(ids)
+        model.setup_cache(batch_size=1, max_len=16)
+        model(ids[:, :8])
+        step = model(ids[:, 8:], start_pos=8)
+        model.clear_cache()
+    assert torch.backends.mkldnn.enabled
+    torch.testing.assert_close(step, full[:, -1:], atol=0.05, rtol=0.02)
+
+
 def test_rope_theta_is_read_from_the_config(tmp_path):
     """transformers 5 writes rope_theta inside `rope_parameters`; a non-default base must still be used."""
     hf = tiny_hf_llama(rope_theta=500000.0)

@@ -94,6 +94,22 @@ def test_clip_layer_norm_eps_is_read_from_the_config(tmp_path):
         assert (ours(pixels) - hf_reference(odd, pixels)).abs().max() > 1e-3
 
 
+def test_bf16_layer_norms_equal_the_float32_computation_rounded_once():
+    """f_V's norms promise float32 statistics; in bf16 they may skip the casts because PyTorch's kernel computes in
+    float32 itself: the same numbers as casting up, normalising and casting back, but for rare last-bit roundings."""
+    torch.manual_seed(0)
+    norm = vit.LayerNormFp32(1024, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.1), norm.bias.normal_(0.0, 0.1)
+    norm = norm.bfloat16()
+    x = (torch.randn(4, 257, 1024) * 3 + 1).bfloat16()
+    with torch.no_grad():
+        cast = F.layer_norm(x.float(), (1024,), norm.weight.float(), norm.bias.float(), 1e-6).bfloat16()
+        out = norm(x)
+    assert (out != cast).float().mean() < 1e-3
+    torch.testing.assert_close(out.float(), cast.float(), rtol=2 ** -7, atol=1e-5)  # one bf16 step at most
+
+
 def test_clip_checkpoint_with_an_unknown_vision_key_is_an_error_naming_it(tmp_path):
     hf = tiny_hf_clip_vision()
     hf.save_pretrained(tmp_path)
