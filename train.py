@@ -1,6 +1,7 @@
 """Train Owl in the paper's two stages, on one CPU or many GPUs (DDP under torchrun).
 
-    stage 0  (tiny run only) pre-train the tiny f_L on a text corpus. The real recipe starts from LLaMA-7B instead.
+    stage 0  (tiny run only) pre-train the tiny f_L on a text corpus and on chats about scenes described in words,
+             so that it can answer from its context, as LLaMA-7B can; the real recipe starts from LLaMA-7B instead.
     stage 1  pre-training: f_V and f_K (queries, visual_fc, vit_eos included) learn to caption; f_L frozen.
     stage 2  joint instruction tuning: f_V frozen; LoRA on f_L (q_proj, v_proj) and f_K trained on text-only and
              multimodal instructions mixed (--freeze-abstractor freezes f_K, as the released code does).
@@ -659,7 +660,12 @@ def main(argv=None) -> None:
     cfg = parse_args(argv)
     if cfg.stage == "eval":
         device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        evaluate(Path(cfg.init), Path(cfg.heldout or Path(cfg.data_dir) / "heldout.jsonl"), cfg.eval_samples, device)
+        heldout = Path(cfg.heldout or Path(cfg.data_dir) / "heldout.jsonl")
+        if not heldout.is_file():
+            fail(f"the held-out file {heldout} does not exist (write one with `python data.py synth`)")
+        if not (Path(cfg.init) / "config.json").is_file():
+            fail(f"{cfg.init} is not a checkpoint folder (no config.json)")
+        evaluate(Path(cfg.init), heldout, cfg.eval_samples, device)
         return
     rank, world, device = setup_distributed(cfg)
     try:

@@ -381,6 +381,15 @@ def test_bad_training_data_exits_2_with_one_sentence(synth, stage0, tmp_path, ca
     assert err.startswith("train: ") and str(tmp_path / data_file) in err and said in err
 
 
+@pytest.mark.parametrize("case", ["no held-out file", "no checkpoint"])
+def test_eval_with_a_missing_file_exits_2_with_one_sentence(synth, tmp_path, capsys, case):
+    heldout, init, said = {"no held-out file": (tmp_path / "nope.jsonl", synth, "does not exist"),
+                           "no checkpoint": (synth / "heldout.jsonl", tmp_path, "is not a checkpoint folder")}[case]
+    code, err = train_main(capsys, "--stage", "eval", "--init", init, "--heldout", heldout)
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert said in err
+
+
 def test_an_unknown_flag_exits_2_with_the_usage(capsys):
     with pytest.raises(SystemExit) as e:
         train.parse_args(["--steps", "3", "--no-such-flag"])
