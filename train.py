@@ -51,7 +51,7 @@ class TrainConfig:
     tokenizer: str = ""  # tokenizer.model; default: from --init / --llm-init / data_dir
     steps: int = 0  # optimizer steps per stage; 0 = the stage's default
     batch_size: int = 0  # global batch (samples per optimizer step, all ranks); 0 = the stage's default
-    micro_batch: int = 0  # samples per forward pass on one rank; 0 = the whole per-rank batch
+    micro_batch: int = 0  # samples per forward pass on one rank; 0 = gcd(per-rank batch, 16): few pads, same gradient
     lr: float = 0.0  # peak learning rate; 0 = the stage's default
     abstractor_lr_scale: float = 3.0  # f_K's lr as a multiple of --lr (1 = one lr for all, as released)
     warmup: int = 0  # warm-up steps (linear), then cosine to lr/10; 0 = 5% of the steps
@@ -405,7 +405,9 @@ def train_stage(cfg: TrainConfig, stage: int, rank: int, world: int, device: str
     if cfg.batch_size % world:
         fail(f"--batch-size {cfg.batch_size} is not divisible by the {world} ranks")
     per_rank = cfg.batch_size // world
-    micro = cfg.micro_batch or per_rank
+    # samples are sorted by length before they are cut into micro-batches, so short micro-batches pad little (one
+    # micro-batch of 64 is padded to its longest sample: about twice the work in stage 0)
+    micro = cfg.micro_batch or math.gcd(per_rank, 16)
     if per_rank % micro:
         fail(f"the per-rank batch {per_rank} is not divisible by --micro-batch {micro}")
     on_cuda = device.startswith("cuda")
