@@ -3,7 +3,6 @@ placeholders per image, visual tokens land in their slots, and the whole pipelin
 reference answers: HF's CLIPVisionModel + the SPEC abstractor formulas + HF's LlamaForCausalLM, read from the saved
 official files, never from our modules."""
 import json
-import os
 import pickle
 
 import numpy as np
