@@ -109,15 +109,34 @@ def onednn_disabled():
         torch.backends.mkldnn.enabled = before
 
 
+class Linear(nn.Linear):
+    """nn.Linear (same parameter, same state-dict key) with a faster path for one float32 row on CPU.
+
+    A decode step multiplies every weight matrix by a single vector. MKL's float32 matrix-vector kernel runs on one
+    core whatever the thread count (~17 GB/s of weights here, half of what the machine streams). Cut the matrix
+    into one block of rows per thread and multiply the blocks as a batch (bmm), and each thread streams its own
+    block: 1.6x the bandwidth on 2 cores, bit-identical output (bench.py measures it).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = torch.get_num_threads()
+        n, d = self.weight.shape
+        if (k == 1 or n % k or x.numel() != d or x.dtype != torch.float32 or x.device.type != "cpu"
+                or self.bias is not None or torch.is_grad_enabled()):
+            return F.linear(x, self.weight, self.bias)
+        blocks = self.weight.view(k, n // k, d).transpose(1, 2)  # (k, d, n/k), no copy
+        return torch.bmm(x.reshape(1, 1, d).expand(k, 1, d), blocks).reshape(*x.shape[:-1], n)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.cfg = cfg
         D, hd = cfg.hidden_size, cfg.head_dim
-        self.q_proj = nn.Linear(D, cfg.num_heads * hd, bias=False)
-        self.k_proj = nn.Linear(D, cfg.num_kv_heads * hd, bias=False)
-        self.v_proj = nn.Linear(D, cfg.num_kv_heads * hd, bias=False)
-        self.o_proj = nn.Linear(cfg.num_heads * hd, D, bias=False)
+        self.q_proj = Linear(D, cfg.num_heads * hd, bias=False)
+        self.k_proj = Linear(D, cfg.num_kv_heads * hd, bias=False)
+        self.v_proj = Linear(D, cfg.num_kv_heads * hd, bias=False)
+        self.o_proj = Linear(cfg.num_heads * hd, D, bias=False)
         self.cache_k = self.cache_v = None  # (B, kv_heads, max_len, head_dim) once setup_cache is called
 
     def forward(self, x, cos, sin, start_pos: int, mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -151,9 +170,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
@@ -187,7 +206,7 @@ class Llama(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.model = Decoder(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.grad_checkpointing = False
         self._rope = None  # (cos, sin) for max_position_embeddings positions, made on first use on each device
 

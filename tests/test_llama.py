@@ -6,11 +6,12 @@ import shutil
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig as HFLlamaConfig
 from transformers import LlamaForCausalLM
 
-from llama import Llama, Tokenizer, sample
+from llama import Linear, Llama, Tokenizer, sample
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=128, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2)
@@ -118,6 +119,24 @@ def test_a_bf16_decode_step_on_cpu_matches_the_full_forward_and_leaves_onednn_on
         model.clear_cache()
     assert torch.backends.mkldnn.enabled
     torch.testing.assert_close(step, full[:, -1:], atol=0.05, rtol=0.02)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_one_float32_row_on_cpu_is_f_linear_exactly_whatever_the_thread_count(threads):
+    """Linear's decode path (the weight cut into one block of rows per thread, multiplied as a batch) gives
+    F.linear's numbers to the bit, and a weight whose rows do not split evenly takes the plain path."""
+    torch.manual_seed(0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for rows in (96, 97):  # 97 rows split into no whole blocks: the plain path
+            layer = Linear(64, rows, bias=False)
+            for x in (torch.randn(64), torch.randn(1, 1, 64), torch.randn(3, 64)):
+                with torch.no_grad():
+                    assert torch.equal(layer(x), F.linear(x, layer.weight))
+                assert layer(x).requires_grad  # with autograd on it is nn.Linear's own forward
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_rope_theta_is_read_from_the_config(tmp_path):
