@@ -213,7 +213,7 @@ def load_samples(cfg: TrainConfig, stage: int, tokenizer: Tokenizer, tokens_per_
                                      f"{d / 'stage2_alpaca.json'}:0.3"]}[stage]
     out = []
     for spec in sources:
-        path, _, weight = spec.partition(":") if not Path(spec).exists() else (spec, "", "")
+        path, weight = parse_source(spec)
         if not Path(path).is_file():
             fail(f"data file {path} does not exist")
         try:
@@ -222,8 +222,23 @@ def load_samples(cfg: TrainConfig, stage: int, tokenizer: Tokenizer, tokens_per_
             fail(f"{path} is not stage-{stage} training data ({type(e).__name__}: {e})")
         if not samples:
             fail(f"{path} holds no usable sample")
-        out.append((samples, float(weight or 1.0)))
+        out.append((samples, weight))
     return out
+
+
+def parse_source(spec: str) -> tuple:
+    """--data PATH or PATH:WEIGHT -> (path, weight). The weight follows the last colon, so a path may hold colons
+    (C:/data/x.json:0.5); a spec naming an existing file, or whose last part is not a number, is all path."""
+    head, sep, tail = spec.rpartition(":")
+    if not sep or Path(spec).exists():
+        return spec, 1.0
+    try:
+        weight = float(tail)
+    except ValueError:
+        return spec, 1.0
+    if not (weight > 0 and math.isfinite(weight)):
+        fail(f"--data {spec}: the weight after the last ':' must be a positive number")
+    return head, weight
 
 
 def sample_order(sources, n: int, seed: int):

@@ -404,3 +404,18 @@ def test_help_explains_every_flag(capsys):
     for name, comment in train._field_comments().items():
         assert "--" + name.replace("_", "-") in shown and " ".join(comment.split()) in shown, name
     assert len(train._field_comments()) == len(train.fields(train.TrainConfig))
+
+
+def test_data_weights_follow_the_last_colon_and_bad_weights_are_refused(tmp_path, capsys):
+    colon = tmp_path / "a:b.jsonl"  # a file name with a colon in it
+    colon.write_text("")
+    assert train.parse_source("x.json") == ("x.json", 1.0)
+    assert train.parse_source("x.json:0.3") == ("x.json", 0.3)
+    assert train.parse_source("C:/data/x.json:2") == ("C:/data/x.json", 2.0)
+    assert train.parse_source(str(colon)) == (str(colon), 1.0)
+    assert train.parse_source(f"{colon}:0.5") == (str(colon), 0.5)
+    assert train.parse_source("dir:name/x.json") == ("dir:name/x.json", 1.0)
+    for bad in ("x.json:0", "x.json:-1", "x.json:nan"):
+        with pytest.raises(SystemExit) as e:
+            train.parse_source(bad)
+        assert e.value.code == 2 and "positive number" in capsys.readouterr().err
