@@ -208,7 +208,8 @@ def find_tokenizer(cfg: TrainConfig, stage: int) -> Path:
 
 def load_samples(cfg: TrainConfig, stage: int, tokenizer: Tokenizer, tokens_per_image: int):
     d = Path(cfg.data_dir)
-    sources = list(cfg.data) or {0: [f"{d / 'corpus.txt'}", f"{d / 'reading.jsonl'}:3"], 1: [f"{d / 'stage1.jsonl'}"],
+    sources = list(cfg.data) or {0: [f"{d / 'corpus.txt'}", f"{d / 'reading.jsonl'}:3"],
+                                 1: [f"{d / 'stage1.jsonl'}", f"{d / 'stage1_single.jsonl'}"],
                                  2: [f"{d / 'stage2_owl.jsonl'}", f"{d / 'stage2_llava.json'}",
                                      f"{d / 'stage2_alpaca.json'}:0.3"]}[stage]
     out = []

@@ -50,7 +50,7 @@ def _jsonl(path):
 def test_same_seed_same_files_other_seed_other_files(runs):
     a, again, other = (_files(runs[k]) for k in ("a", "again", "other"))
     assert a == again
-    assert {"stage1.jsonl", "stage2_owl.jsonl", "stage2_llava.json", "stage2_alpaca.json", "corpus.txt",
+    assert {"stage1.jsonl", "stage1_single.jsonl", "stage2_owl.jsonl", "stage2_llava.json", "stage2_alpaca.json", "corpus.txt",
             "reading.jsonl", "heldout.jsonl", "tokenizer.model", "scenes.jsonl"} <= set(a)
     assert sum(name.startswith("images/") for name in a) == 40 + 25
     for name in ("stage1.jsonl", "stage2_owl.jsonl", "heldout.jsonl", "images/s_00000.png", "images/h_00000.png"):
@@ -278,3 +278,12 @@ def test_tokenizer_round_trips_every_text_with_llama_ids(runs):
     for word in [*data.COLORS, *data.SHAPES, *data.POSITIONS]:
         assert len(sp.encode(word)) == 1, word
     assert len(sp.encode("12 plus 30")) > 3  # digits split one by one, any number tokenizes
+
+
+def test_stage1_single_repeats_exactly_the_single_shape_captions(runs):
+    folder = runs["a"]
+    scenes = {r["image"]: r for r in _jsonl(os.path.join(folder, "scenes.jsonl"))}
+    stage1 = _jsonl(os.path.join(folder, "stage1.jsonl"))
+    single = _jsonl(os.path.join(folder, "stage1_single.jsonl"))
+    assert single and single == [r for r in stage1 if len(scenes[r["image"]]["shapes"]) == 1]
+    assert all(r["caption"].split(":")[0].endswith("1 shape") for r in single)
