@@ -161,8 +161,18 @@ def test_two_ddp_ranks_match_one_rank(synth, stage0, tmp_path):
     a = load_file(tmp_path / "one" / "stage2" / "model.safetensors")
     b = load_file(tmp_path / "two" / "stage2" / "model.safetensors")
     assert a.keys() == b.keys()
-    worst = max((a[k] - b[k]).abs().max().item() for k in a)
-    assert worst < 1e-6, worst
+    # Both runs average the same 8 samples' gradients, summed in another order (two ranks, then all-reduce, vs one
+    # rank), so the gradients (AdamW's first moments) agree to float rounding. AdamW then divides each gradient by its
+    # running RMS: where a gradient is within rounding of zero that ratio can differ, so a handful of parameters may
+    # differ by more than rounding (measured: 58 of 3.2M elements over 1e-6, the largest 1.5e-6).
+    moments = [torch.load(tmp_path / run / "stage2" / "train_state.pt", weights_only=True)["optimizer"]["state"]
+               for run in ("one", "two")]
+    for i, m in moments[0].items():
+        gap = (m["exp_avg"] - moments[1][i]["exp_avg"]).abs().max() / m["exp_avg"].abs().max()
+        assert gap < 1e-3, (i, gap.item())  # a missed micro-batch or a sum instead of a mean is off by 10-100%
+    off = sum(int(((a[k] - b[k]).abs() > 1e-6).sum()) for k in a)
+    assert off <= 1e-4 * sum(t.numel() for t in a.values()), off
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
     assert any(not torch.equal(a[k], load_file(stage0 / "stage1" / "model.safetensors")[k]) for k in a)
 
 
