@@ -52,6 +52,13 @@ def stage0(synth, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def stage1(synth, stage0):
+    """stage0's folder with a 3-step stage 1 added (stage0/stage1), for the tests that start from stage 1."""
+    run("--stage", "1", "--data-dir", str(synth), "--out-dir", str(stage0), "--steps", "3", *SMALL)
+    return stage0
+
+
+@pytest.fixture(scope="module")
 def tok(synth):
     return Tokenizer(synth / "tokenizer.model")
 
@@ -101,8 +108,8 @@ def test_a_few_steps_lower_the_loss(stage0):
     assert len(losses) == 20 and sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3
 
 
-def test_each_stage_changes_exactly_what_it_trains(synth, stage0):
-    run("--stage", "1", "--data-dir", str(synth), "--out-dir", str(stage0), "--steps", "3", *SMALL)
+def test_each_stage_changes_exactly_what_it_trains(synth, stage1):
+    stage0 = stage1  # the folder holding stage0/ and stage1/
     run("--stage", "2", "--data-dir", str(synth), "--out-dir", str(stage0), "--steps", "3", *SMALL)
     s0 = load_file(stage0 / "stage0" / "model.safetensors")
     s1 = load_file(stage0 / "stage1" / "model.safetensors")
@@ -148,7 +155,8 @@ def test_stage1_trains_vision_and_abstractor(synth, stage0, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("language_model."))
 
 
-def test_two_ddp_ranks_match_one_rank(synth, stage0, tmp_path):
+def test_two_ddp_ranks_match_one_rank(synth, stage1, tmp_path):
+    stage0 = stage1  # the folder holding stage0/ and stage1/
     # no dropout anywhere, so both runs draw no random numbers and must agree to rounding
     common = ["--stage", "2", "--data-dir", str(synth), "--steps", "2", "--lora-dropout", "0", "--freeze-abstractor",
               *SMALL]
@@ -176,7 +184,8 @@ def test_two_ddp_ranks_match_one_rank(synth, stage0, tmp_path):
     assert any(not torch.equal(a[k], load_file(stage0 / "stage1" / "model.safetensors")[k]) for k in a)
 
 
-def test_resume_reproduces_the_uninterrupted_run(synth, stage0, tmp_path):
+def test_resume_reproduces_the_uninterrupted_run(synth, stage1, tmp_path):
+    stage0 = stage1  # the folder holding stage0/ and stage1/
     common = ["--stage", "2", "--data-dir", str(synth), "--init", str(stage0 / "stage1"), "--steps", "12", *SMALL]
     run(*common, "--out-dir", str(tmp_path / "straight"))
     out = tmp_path / "interrupted"
