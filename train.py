@@ -34,7 +34,7 @@ from tqdm import tqdm
 import data
 import lora
 from llama import Llama, Tokenizer
-from owl import Owl, OwlConfig, UserError, read_image, render_prompt
+from owl import MAX_PIXELS, Owl, OwlConfig, UserError, read_image, render_prompt
 from vit import VisionTransformer
 
 
@@ -64,6 +64,7 @@ class TrainConfig:
     lora_dropout: float = 0.05  # dropout on the LoRA input path
     lora_targets: str = "q_proj,v_proj"  # comma-separated f_L Linear names that get LoRA
     freeze_abstractor: bool = False  # stage 2: keep f_K frozen, as the released code does (the paper trains it)
+    max_pixels: int = MAX_PIXELS  # an image with more pixels is skipped (and counted), refused from its header
     augment: bool = False  # stage-1 RandomResizedCrop + flip, as the official recipe (flips break left/right answers)
     grad_checkpointing: bool = False  # recompute f_V / f_L activations in backward to save memory
     eval_every: int = 0  # validation loss every N steps; 0 = at the end only
@@ -106,6 +107,8 @@ def parse_args(argv=None) -> TrainConfig:
         p.error("--stage eval needs --init CHECKPOINT")
     if cfg.max_bad_steps < 1:
         p.error("--max-bad-steps must be at least 1")
+    if cfg.max_pixels < 1:
+        p.error("--max-pixels must be at least 1")
     return cfg
 
 
@@ -263,14 +266,14 @@ def sample_order(sources, n: int, seed: int):
 class ImageCache:
     """Preprocessed pixels by path; kept in memory unless augmenting, since the tiny run reads each image often."""
 
-    def __init__(self, transform, augment: bool):
-        self.transform, self.augment, self.cache, self.failed = transform, augment, {}, 0
+    def __init__(self, transform, augment: bool, max_pixels: int = MAX_PIXELS):
+        self.transform, self.augment, self.max_pixels, self.cache, self.failed = transform, augment, max_pixels, {}, 0
 
     def __call__(self, path: str, rng: random.Random) -> torch.Tensor:
         if self.augment:
-            return self.transform(data.augment(read_image(path), rng))
+            return self.transform(data.augment(read_image(path, self.max_pixels), rng))
         if path not in self.cache:
-            self.cache[path] = self.transform(read_image(path)).half()
+            self.cache[path] = self.transform(read_image(path, self.max_pixels)).half()
         return self.cache[path].float()
 
 
@@ -438,7 +441,7 @@ def train_stage(cfg: TrainConfig, stage: int, rank: int, world: int, device: str
     sources = load_samples(cfg, stage, tokenizer, tpi)
     order = sample_order(sources, cfg.steps * cfg.batch_size, cfg.seed + stage)
     transform = None if is_llm else model.image_transform
-    images = ImageCache(transform, cfg.augment and stage == 1)
+    images = ImageCache(transform, cfg.augment and stage == 1, cfg.max_pixels)
     params = [p for p in model.parameters() if p.requires_grad]
     # The tiny run's from-scratch f_V is unstable above lr 1e-3, while f_K learns faster at a higher rate (measured:
     # position accuracy of stage-1 captions 51% -> 99% with f_K at 3x), hence a separate scale for f_K.

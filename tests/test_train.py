@@ -438,3 +438,19 @@ def test_data_weights_follow_the_last_colon_and_bad_weights_are_refused(tmp_path
         with pytest.raises(SystemExit) as e:
             train.parse_source(bad)
         assert e.value.code == 2 and "positive number" in capsys.readouterr().err
+
+
+def test_max_pixels_skips_and_counts_training_images_over_the_limit(tmp_path, capsys):
+    from PIL import Image
+    from vit import ImageTransform
+    Image.new("RGB", (40, 28), (200, 30, 30)).save(tmp_path / "big.png")  # 1120 pixels
+    Image.new("RGB", (20, 20), (30, 30, 200)).save(tmp_path / "small.png")  # 400
+    samples = [data.Sample([1, 5, 6], [-100, 6, 2], [str(tmp_path / name)]) for name in ("big.png", "small.png")]
+    images = train.ImageCache(ImageTransform(32), False, max_pixels=1119)
+    ids, labels, pixels = train.collate(samples, images, random.Random(0), "cpu")
+    assert images.failed == 1 and ids.shape[0] == 1 and pixels.shape == (1, 3, 32, 32)
+    assert "40x28 pixels, more than the limit of 1119 (--max-pixels)" in capsys.readouterr().err
+    images = train.ImageCache(ImageTransform(32), False, max_pixels=1120)
+    assert train.collate(samples, images, random.Random(0), "cpu")[0].shape[0] == 2 and images.failed == 0
+    with pytest.raises(SystemExit):
+        train.parse_args(["--max-pixels", "0"])
