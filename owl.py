@@ -139,17 +139,21 @@ class Owl(nn.Module):
         patches = self.vision_model(pixels.to(self.vision_model.embeddings.patch_embed.weight.dtype))
         return self.abstractor(patches, return_weights=return_weights)
 
-    def embed(self, input_ids: torch.Tensor, pixels: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """input_ids (B, T) with IMAGE_ID placeholders -> input embeddings (B, T, llm_hidden) with visual tokens in."""
+    def embed(self, input_ids: torch.Tensor, pixels: Optional[torch.Tensor] = None,
+              visual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """input_ids (B, T) with IMAGE_ID placeholders -> input embeddings (B, T, llm_hidden) with visual tokens in.
+        visual: encode_images' output for the images, when the caller kept it (a chat asks about the same images
+        turn after turn); else they are encoded from pixels here."""
         is_image = input_ids == IMAGE_ID
         x = self.language_model.model.embed_tokens(input_ids.clamp(min=0))
         n_slots = int(is_image.sum())
         if n_slots == 0:
             return x
-        if pixels is None or n_slots != len(pixels) * self.cfg.tokens_per_image:
-            given = 0 if pixels is None else len(pixels)
+        images = pixels if visual is None else visual
+        if images is None or n_slots != len(images) * self.cfg.tokens_per_image:
+            given = 0 if images is None else len(images)
             raise ValueError(f"the ids hold {n_slots // self.cfg.tokens_per_image} image slots but {given} images were given")
-        visual = self.encode_images(pixels).to(x.dtype)  # (N, Q+1, D)
+        visual = (self.encode_images(pixels) if visual is None else visual).to(x.dtype)  # (N, Q+1, D)
         # row-major fill: the first slot in the batch gets the first image's first token, and so on
         return x.masked_scatter(is_image.unsqueeze(-1), visual.reshape(-1, visual.shape[-1]))
 
@@ -159,13 +163,16 @@ class Owl(nn.Module):
 
     @torch.inference_mode()
     def generate(self, ids: List[int], pixels: Optional[torch.Tensor] = None, max_new_tokens: int = 512,
-                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, generator=None) -> Iterator[int]:
-        """Yield the answer's token ids one by one (batch 1). ids: BOS + prompt ids with placeholders."""
+                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, generator=None,
+                 visual: Optional[torch.Tensor] = None) -> Iterator[int]:
+        """Yield the answer's token ids one by one (batch 1). ids: BOS + prompt ids with placeholders; the images
+        as pixels, or as the visual tokens encode_images gave for them."""
         context = self.cfg.text.max_position_embeddings
         if len(ids) >= context:
             raise ValueError(f"the prompt is {len(ids)} tokens long, more than the context of {context} tokens")
         device = self.language_model.lm_head.weight.device
-        embeds = self.embed(torch.tensor([ids], device=device), None if pixels is None else pixels.to(device))
+        embeds = self.embed(torch.tensor([ids], device=device), None if pixels is None else pixels.to(device),
+                            None if visual is None else visual.to(device))
         yield from self.language_model.generate(inputs_embeds=embeds, max_new_tokens=max_new_tokens,
                                                 eos_id=self.tokenizer.eos_id, temperature=temperature, top_k=top_k,
                                                 top_p=top_p, generator=generator)
@@ -321,11 +328,12 @@ def seeded_generator(args) -> Optional[torch.Generator]:
     return torch.Generator().manual_seed(args.seed) if args.seed is not None else None
 
 
-def stream_answer(model: Owl, ids: List[int], pixels, args, out=None) -> List[int]:
+def stream_answer(model: Owl, ids: List[int], pixels, args, out=None, visual=None) -> List[int]:
     """Generate and print the answer as it grows (to stdout unless out is given); returns the answer's token ids."""
     out, gen = out or sys.stdout, seeded_generator(args)
     new, shown = [], ""
-    for token in model.generate(ids, pixels, args.max_new_tokens, args.temperature, args.top_k, args.top_p, gen):
+    for token in model.generate(ids, pixels, args.max_new_tokens, args.temperature, args.top_k, args.top_p, gen,
+                                visual=visual):
         new.append(token)
         text = model.tokenizer.decode(new)
         # print only what is settled: a trailing partial UTF-8 byte sequence decodes to U+FFFD until complete
@@ -341,7 +349,8 @@ def stream_answer(model: Owl, ids: List[int], pixels, args, out=None) -> List[in
 
 @dataclass
 class Turn:
-    """One exchange of a chat: the question, the images shown with it (each (3, S, S)), the answer."""
+    """One exchange of a chat: the question, the images shown with it (each as its visual tokens (Q+1, D), encoded
+    once when it is added), the answer."""
     question: str
     images: list
     answer: str = ""
@@ -373,7 +382,7 @@ def chat(model: Owl, pixels, args, lines=None) -> None:
     """Interactive multi-turn chat on stdin (or lines); the history is kept in the template, each turn with the
     images shown at it. The --image images belong to the first question. A user's mistake (a bad /image path, a
     question too long for the context) is reported in one sentence and the chat goes on."""
-    history, pending = [], [] if pixels is None else list(pixels)
+    history, pending = [], [] if pixels is None else list(encode(model, pixels))
     notice(f"chat about your images: {CHAT_HELP}.")
     for line in sys.stdin if lines is None else lines:
         command, _, rest = line.strip().partition(" ")
@@ -388,7 +397,7 @@ def chat(model: Owl, pixels, args, lines=None) -> None:
             try:
                 if not rest.strip():
                     raise UserError("/image needs a path")
-                pending.append(load_image(rest.strip(), model.image_transform, args.max_pixels))
+                pending += encode(model, load_image(rest.strip(), model.image_transform, args.max_pixels)[None])
             except UserError as e:
                 notice(f"{e}; the chat goes on without it.")
         elif command.startswith("/"):
@@ -413,9 +422,17 @@ def chat_turn(model: Owl, history: List[Turn], turn: Turn, args) -> Optional[Lis
                f"{sum(len(t.images) for t in history[:dropped])} image(s) are forgotten.")
     history = history[dropped:] + [turn]
     images = [image for t in history for image in t.images]  # in the order of their <image> lines
-    pixels = torch.stack(images) if images else None
-    turn.answer = model.tokenizer.decode(stream_answer(model, model.prompt_ids(chat_prompt(history)), pixels, args))
+    visual = torch.stack(images) if images else None
+    ids = model.prompt_ids(chat_prompt(history))
+    turn.answer = model.tokenizer.decode(stream_answer(model, ids, None, args, visual=visual))
     return history
+
+
+@torch.inference_mode()
+def encode(model: Owl, pixels: torch.Tensor) -> torch.Tensor:
+    """Images (N, 3, S, S) -> their visual tokens (N, Q+1, D): a chat encodes each image once, not every turn."""
+    device = model.language_model.lm_head.weight.device
+    return model.encode_images(pixels.to(device))
 
 
 @dataclass

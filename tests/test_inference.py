@@ -120,12 +120,15 @@ def test_seeded_batch_sampling_is_reproducible(model):
 # --- the chat --------------------------------------------------------------------------------------------------------
 
 def record_generate(model, monkeypatch) -> list:
-    """Wrap model.generate to record each call's (ids, pixels, answer tokens)."""
+    """Wrap model.generate to record each call's (ids, images, answer tokens); the images as their visual tokens
+    (N, Q+1, D), however the caller passed them (a chat encodes each image once and passes the tokens)."""
     calls, real = [], model.generate
 
-    def generate(ids, pixels=None, *args, **kwargs):
-        tokens = list(real(ids, pixels, *args, **kwargs))
-        calls.append((list(ids), pixels, tokens))
+    def generate(ids, pixels=None, *args, visual=None, **kwargs):
+        tokens = list(real(ids, pixels, *args, visual=visual, **kwargs))
+        if visual is None and pixels is not None:
+            visual = model.encode_images(pixels)
+        calls.append((list(ids), visual, tokens))
         yield from tokens
 
     monkeypatch.setattr(model, "generate", generate)
@@ -155,9 +158,10 @@ def test_chat_keeps_the_history_and_puts_slash_image_images_in_the_next_turn(mod
     expected = [(render_prompt(q1, 1), [img0]),
                 (render_prompt(q1, 1) + a1 + render_turn(q2, 2), [img0, img1, img0]),  # images in the prompt's order
                 (SYSTEM + render_turn(q3), None)]  # /reset forgot the history, its images and the bad /image
-    for (ids, pixels, _), (text, want) in zip(calls, expected):
+    for (ids, visual, _), (text, want) in zip(calls, expected):
         assert ids == model.prompt_ids(text)
-        assert (pixels is None and want is None) or torch.equal(pixels, torch.stack(want))
+        assert (visual is None and want is None) or torch.allclose(visual, model.encode_images(torch.stack(want)),
+                                                                     atol=1e-6)
     out, err = capsys.readouterr()
     assert out == f"{a1}\n{a2}\n{a3}\n"
     assert [line for line in err.splitlines() if "nope.png" in line] == \
@@ -178,9 +182,9 @@ def test_chat_forgets_the_oldest_turns_and_their_images_when_the_context_fills(m
     everything = render_prompt(q[0], 1) + a[0] + render_turn(q[1]) + a[1] + render_turn(q[2])
     assert len(model.prompt_ids(everything)) + room >= context  # the whole history does not fit ...
     assert len(calls) == 3
-    ids, pixels, _ = calls[2]
+    ids, visual, _ = calls[2]
     assert ids == model.prompt_ids(SYSTEM + render_turn(q[1]) + a[1] + render_turn(q[2]))  # ... without turn 1, it does
-    assert pixels is None  # turn 1's image went with it
+    assert visual is None  # turn 1's image went with it
     assert all(len(ids) + room < context for ids, _, _ in calls)
     err = capsys.readouterr().err
     assert "the oldest 1 turn(s) and their 1 image(s) are forgotten" in err
@@ -193,9 +197,9 @@ def test_chat_refuses_a_turn_that_alone_does_not_fit_and_goes_on(model, images, 
     chat(model, img0[None], chat_args(), [q1, f"/image {images / 'img1.png'}", "the cat " * 400, q2])
     assert len(calls) == 2
     a1 = model.tokenizer.decode(calls[0][2])
-    ids, pixels, _ = calls[1]
+    ids, visual, _ = calls[1]
     assert ids == model.prompt_ids(render_prompt(q1, 1) + a1 + render_turn(q2, 1))  # history and /image image kept
-    assert torch.equal(pixels, torch.stack([img0, img1]))
+    assert torch.allclose(visual, model.encode_images(torch.stack([img0, img1])), atol=1e-6)
     err = capsys.readouterr().err
     assert "do not fit in the context of 512 tokens" in err and "Traceback" not in err
 
