@@ -207,7 +207,8 @@ def synth(out, seed=0, n_train=12000, n_owl=8000, n_llava=4000, n_alpaca=600, n_
     """Write into `out`: images/ (s_* for training, h_* held out), scenes.jsonl (the facts of every image),
     stage1.jsonl (and stage1_single.jsonl: its single-shape lines again), stage2_owl.jsonl, stage2_llava.json, stage2_alpaca.json, corpus.txt and reading.jsonl (stage 0's
     text), heldout.jsonl (questions
-    without <image> tags, their images listed apart), val_* files for the validation loss (on held-out images) and
+    without <image> tags, their images listed apart), heldout_reading.jsonl (the same questions about the scene
+    in words), val_* files for the validation loss (on held-out images) and
     tokenizer.model. Paths are relative to `out`."""
     os.makedirs(os.path.join(out, "images"), exist_ok=True)
     rng = random.Random(f"train/{seed}")
@@ -263,6 +264,8 @@ def synth(out, seed=0, n_train=12000, n_owl=8000, n_llava=4000, n_alpaca=600, n_
     # Held-out: another seed and its own files, so no image is shared with training; kinds balanced.
     rng, heldout = random.Random(f"heldout/{seed}"), []
     vrng, val_captions = random.Random(f"val/{seed}"), []  # validation-loss files drawn on the held-out images
+    # the same questions with the scene described in words where the image would be: what stage 0's f_L can read
+    rrng, heldout_reading = random.Random(f"heldout-reading/{seed}"), []
     for i in tqdm(range(n_heldout), desc="held-out images"):
         kind = ("color", "shape", "count", "position", "describe")[i % 5]
         scene = random_scene(rng, 1 if kind in ("color", "shape") else None)
@@ -271,13 +274,15 @@ def synth(out, seed=0, n_train=12000, n_owl=8000, n_llava=4000, n_alpaca=600, n_
         records.append({"image": name, **scene})
         q, answer, target = ask(kind, scene, rng)
         heldout.append({"image": [name], "question": q, "kind": kind, "answer": answer, "target": target})
+        heldout_reading.append({"scene": caption(scene, rrng), "question": q, "kind": kind, "target": target})
         val_captions.append({"image": name, "caption": caption(scene, vrng)})
     val_owl = [{"image": h["image"], "text": render_owl_text([(IMAGE + "\n" + h["question"], h["answer"])]),
                 "task_type": "llava_sft"} for h in heldout]
 
     for name, rows in (("scenes.jsonl", records), ("stage1.jsonl", stage1), ("stage1_single.jsonl", stage1_single),
                        ("stage2_owl.jsonl", owl),
-                       ("heldout.jsonl", heldout), ("stage2_llava.json", llava), ("stage2_alpaca.json", alpaca),
+                       ("heldout.jsonl", heldout), ("heldout_reading.jsonl", heldout_reading),
+                       ("stage2_llava.json", llava), ("stage2_alpaca.json", alpaca),
                        ("corpus.txt", corpus), ("reading.jsonl", reading), ("val_stage1.jsonl", val_captions), ("val_stage2_owl.jsonl", val_owl),
                        ("val_corpus.txt", [c["caption"] for c in val_captions])):
         with open(os.path.join(out, name), "w") as f:

@@ -34,7 +34,7 @@ from tqdm import tqdm
 import data
 import lora
 from llama import Llama, Tokenizer
-from owl import MAX_PIXELS, Owl, OwlConfig, UserError, read_image, render_prompt
+from owl import MAX_PIXELS, Owl, OwlConfig, UserError, read_image, render_prompt, render_turn
 from vit import VisionTransformer
 
 
@@ -591,6 +591,9 @@ def train_stage(cfg: TrainConfig, stage: int, rank: int, world: int, device: str
         heldout = Path(cfg.heldout or Path(cfg.data_dir) / "heldout.jsonl")
         if stage == 2 and heldout.exists():
             evaluate(out, heldout, cfg.eval_samples, device)
+        reading = Path(cfg.data_dir) / "heldout_reading.jsonl"
+        if stage == 0 and not cfg.data and reading.exists():
+            evaluate_reading(model, tokenizer, out, reading, cfg.eval_samples)
     return out
 
 
@@ -652,6 +655,26 @@ def evaluate(ckpt: Path, heldout: Path, limit: int, device: str) -> dict:
     (ckpt / f"accuracy_{heldout.parent.name}.json").write_text(json.dumps(table, indent=2))
     (ckpt / f"answers_{heldout.parent.name}.jsonl").write_text("".join(json.dumps(a) + "\n" for a in answers))
     print("held-out accuracy: " + ", ".join(f"{k} {c}/{n} = {c / max(1, n):.1%}" for k, (c, n) in table.items()),
+          file=sys.stderr)
+    return table
+
+
+@torch.inference_mode()
+def evaluate_reading(model: Llama, tokenizer: Tokenizer, out: Path, heldout: Path, limit: int) -> dict:
+    """Stage 0's f_L answers the held-out questions about scenes described in words, as the reading chats put them:
+    the most the visual tokens can give it later, since it must read them as it reads these words. Half as many
+    questions as --eval-samples (the kinds take turns in the file), which is plenty for a text-only model."""
+    model.eval()
+    rows = [json.loads(line) for line in heldout.read_text().splitlines() if line.strip()][:max(5, limit // 2)]
+    results = []
+    for r in tqdm(rows, desc="held-out reading", dynamic_ncols=True):
+        ids = [tokenizer.bos_id] + tokenizer.encode("Human: " + r["scene"] + render_turn(r["question"]))
+        answer = tokenizer.decode(list(model.generate(torch.tensor([ids], device=model.lm_head.weight.device),
+                                                      max_new_tokens=48, eos_id=tokenizer.eos_id)))
+        results.append((r["kind"], data.score_answer(r["kind"], answer, r["target"])))
+    table = data.accuracy_table(results)
+    (out / "accuracy_reading.json").write_text(json.dumps(table, indent=2))
+    print("held-out reading accuracy: " + ", ".join(f"{k} {c}/{n} = {c / max(1, n):.1%}" for k, (c, n) in table.items()),
           file=sys.stderr)
     return table
 

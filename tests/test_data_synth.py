@@ -191,6 +191,19 @@ def test_reading_chats_answer_from_the_scene_in_their_first_line(runs):
             assert named and named <= facts, (described, question, answer)
 
 
+def test_heldout_reading_asks_the_heldout_questions_about_the_scene_in_words(runs):
+    """Stage 0's reading check: each held-out question again, its image replaced by a true description of it."""
+    heldout = _jsonl(os.path.join(runs["a"], "heldout.jsonl"))
+    reading = _jsonl(os.path.join(runs["a"], "heldout_reading.jsonl"))
+    assert [(r["question"], r["kind"], r["target"]) for r in reading] == \
+        [(h["question"], h["kind"], h["target"]) for h in heldout]
+    scenes = {r["image"]: r for r in _jsonl(os.path.join(runs["a"], "scenes.jsonl"))}
+    for r, h in zip(reading, heldout):
+        shapes = scenes[h["image"][0]]["shapes"]
+        whole = {"count": len(shapes), "shapes": [{k: s[k] for k in ("color", "shape", "position")} for s in shapes]}
+        assert data.score_answer("describe", r["scene"], whole), r["scene"]
+
+
 def test_a_stage0_chat_is_learnt_on_its_answers_tokenised_as_stage2_does(runs):
     tok = Tokenizer(os.path.join(runs["a"], "tokenizer.model"))
     turns = [("What color is the shape?", "The shape is red."), ("What shape is it?", "It is a circle.")]

@@ -108,6 +108,15 @@ def test_a_few_steps_lower_the_loss(stage0):
     assert len(losses) == 20 and sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3
 
 
+def test_stage0_answers_the_heldout_questions_about_scenes_in_words(synth, stage0):
+    """After stage 0 the f_L is asked the held-out questions with each scene described in words (half as many as
+    --eval-samples), and its accuracy by kind is kept beside the checkpoint."""
+    table = json.loads((stage0 / "stage0" / "accuracy_reading.json").read_text())
+    asked = [json.loads(l)["kind"] for l in (synth / "heldout_reading.jsonl").read_text().splitlines()][:5]
+    assert {k: n for k, (_, n) in table.items() if k != "all"} == {k: asked.count(k) for k in set(asked)}
+    assert table["all"][1] == 5 and all(0 <= c <= n for c, n in table.values())
+
+
 def test_each_stage_changes_exactly_what_it_trains(synth, stage1):
     stage0 = stage1  # the folder holding stage0/ and stage1/
     run("--stage", "2", "--data-dir", str(synth), "--out-dir", str(stage0), "--steps", "3", *SMALL)
