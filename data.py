@@ -192,6 +192,12 @@ def text_task(rng):
     return {"instruction": instruction, "input": inp, "output": output}
 
 
+def reading_chat(described, turns):
+    """A chat about a scene described in words, put where stage 2 puts the image; an empty last answer leaves the
+    prompt for the model to answer."""
+    return "Human: " + described + "".join(render_turn(q) + a for q, a in turns)
+
+
 def render_owl_text(turns):
     """The official stage-2 "text": the canonical template of SPEC §2 with answers. Questions carry their images
     as leading "<image>\\n" tags (see Conversation); each becomes its own "Human: <image>" line."""
@@ -233,7 +239,7 @@ def synth(out, seed=0, n_train=12000, n_owl=8000, n_llava=4000, n_alpaca=600, n_
         scene = random_scene(crng, 1 if crng.random() < 0.4 else None)
         kinds = ["count", "position", "describe"] + (["color", "shape"] * 2 if len(scene["shapes"]) == 1 else [])
         turns = [ask(kind, scene, crng)[:2] for kind in crng.sample(kinds, crng.choice((1, 1, 2)))]
-        chat = "Human: " + caption(scene, crng) + "".join(render_turn(q) + a for q, a in turns)
+        chat = reading_chat(caption(scene, crng), turns)
         reading.append({"text": SYSTEM + "\n" + chat if crng.random() < 0.25 else chat})  # the system text is long
 
     rng = random.Random(f"stage2/{seed}")

@@ -34,7 +34,7 @@ from tqdm import tqdm
 import data
 import lora
 from llama import Llama, Tokenizer
-from owl import MAX_PIXELS, Owl, OwlConfig, UserError, read_image, render_prompt, render_turn
+from owl import MAX_PIXELS, Owl, OwlConfig, UserError, read_image, render_prompt
 from vit import VisionTransformer
 
 
@@ -638,12 +638,8 @@ def evaluate(ckpt: Path, heldout: Path, limit: int, device: str) -> dict:
     from owl import load_image
 
     model = Owl.from_pretrained(ckpt, torch.float32, device)
-    rows = [json.loads(line) for line in heldout.read_text().splitlines() if line.strip()]
-    kinds = sorted({r["kind"] for r in rows})
-    per_kind = max(1, limit // len(kinds))
-    rows = [r for k in kinds for r in [r for r in rows if r["kind"] == k][:per_kind]]
     results, answers = [], []
-    for r in tqdm(rows, desc="held-out", dynamic_ncols=True):
+    for r in tqdm(heldout_rows(heldout, limit), desc="held-out", dynamic_ncols=True):
         paths = [str(heldout.parent / p) for p in r["image"]]
         pixels = torch.stack([load_image(p, model.image_transform) for p in paths])
         ids = model.prompt_ids(render_prompt(r["question"], len(paths)))
@@ -654,28 +650,38 @@ def evaluate(ckpt: Path, heldout: Path, limit: int, device: str) -> dict:
     # named after the held-out folder, so several test sets can be kept side by side
     (ckpt / f"accuracy_{heldout.parent.name}.json").write_text(json.dumps(table, indent=2))
     (ckpt / f"answers_{heldout.parent.name}.jsonl").write_text("".join(json.dumps(a) + "\n" for a in answers))
-    print("held-out accuracy: " + ", ".join(f"{k} {c}/{n} = {c / max(1, n):.1%}" for k, (c, n) in table.items()),
-          file=sys.stderr)
+    print_accuracy("held-out accuracy", table)
     return table
+
+
+def heldout_rows(heldout: Path, limit: int) -> list:
+    """The first limit // kinds questions of each kind in a held-out JSONL file."""
+    rows = [json.loads(line) for line in heldout.read_text().splitlines() if line.strip()]
+    kinds = sorted({r["kind"] for r in rows})
+    per_kind = max(1, limit // len(kinds))
+    return [r for k in kinds for r in [r for r in rows if r["kind"] == k][:per_kind]]
+
+
+def print_accuracy(label: str, table: dict) -> None:
+    print(f"{label}: " + ", ".join(f"{k} {c}/{n} = {c / max(1, n):.1%}" for k, (c, n) in table.items()),
+          file=sys.stderr)
 
 
 @torch.inference_mode()
 def evaluate_reading(model: Llama, tokenizer: Tokenizer, out: Path, heldout: Path, limit: int) -> dict:
     """Stage 0's f_L answers the held-out questions about scenes described in words, as the reading chats put them:
     the most the visual tokens can give it later, since it must read them as it reads these words. Half as many
-    questions as --eval-samples (the kinds take turns in the file), which is plenty for a text-only model."""
+    questions as --eval-samples, balanced over kinds, which is plenty for a text-only model."""
     model.eval()
-    rows = [json.loads(line) for line in heldout.read_text().splitlines() if line.strip()][:max(5, limit // 2)]
     results = []
-    for r in tqdm(rows, desc="held-out reading", dynamic_ncols=True):
-        ids = [tokenizer.bos_id] + tokenizer.encode("Human: " + r["scene"] + render_turn(r["question"]))
+    for r in tqdm(heldout_rows(heldout, limit // 2), desc="held-out reading", dynamic_ncols=True):
+        ids = [tokenizer.bos_id] + tokenizer.encode(data.reading_chat(r["scene"], [(r["question"], "")]))
         answer = tokenizer.decode(list(model.generate(torch.tensor([ids], device=model.lm_head.weight.device),
                                                       max_new_tokens=48, eos_id=tokenizer.eos_id)))
         results.append((r["kind"], data.score_answer(r["kind"], answer, r["target"])))
     table = data.accuracy_table(results)
     (out / "accuracy_reading.json").write_text(json.dumps(table, indent=2))
-    print("held-out reading accuracy: " + ", ".join(f"{k} {c}/{n} = {c / max(1, n):.1%}" for k, (c, n) in table.items()),
-          file=sys.stderr)
+    print_accuracy("held-out reading accuracy", table)
     return table
 
 
