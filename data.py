@@ -548,17 +548,26 @@ def build_sample(tokenizer, segments, images, tokens_per_image, seq_len):
     return Sample(ids, labels, images[: ids.count(IMAGE_ID) // tokens_per_image] if images else [])
 
 
-def load_training_samples(path, stage, tokenizer, tokens_per_image, seq_len):
+def caption_segments(caption, caption_prompt=""):
+    """A stage-1 sample: the caption right after its image; or, with a caption_prompt, the caption as the answer to
+    that question about the image, in the chat layout of stage 0's reading chats and stage 2 (less the system text):
+    "Human: <image>\nHuman: {caption_prompt}\nAI: {caption}"."""
+    prompt = "Human: " + IMAGE + render_turn(caption_prompt) if caption_prompt else IMAGE
+    return [(prompt, False), (caption, True)]
+
+
+def load_training_samples(path, stage, tokenizer, tokens_per_image, seq_len, caption_prompt=""):
     """Every usable sample of one data file, tokenised. The format follows from the stage and the file:
-    stage 0 a text corpus (a sample a line, or JSONL with a "text" each); stage 1 image-caption JSONL; stage 2 the official mPLUG-Owl JSONL,
-    LLaVA JSON (entries with "conversations") or Alpaca JSON."""
+    stage 0 a text corpus (a sample a line, or JSONL with a "text" each); stage 1 image-caption JSONL (laid out by
+    caption_segments); stage 2 the official mPLUG-Owl JSONL, LLaVA JSON (entries with "conversations") or Alpaca
+    JSON."""
     if stage == 0 and str(path).endswith(".jsonl"):  # documents that span lines: {"text": ...} a line
         items = [(document_segments(text), []) for text in load_text_jsonl(path)]
     elif stage == 0:
         with open(path) as f:
             items = [([(line.strip(), True)], []) for line in f if line.strip()]
     elif stage == 1:
-        items = [([(IMAGE, False), (text, True)], [image]) for image, text in load_captions_jsonl(path)]
+        items = [(caption_segments(text, caption_prompt), [image]) for image, text in load_captions_jsonl(path)]
     else:
         if str(path).endswith(".jsonl"):
             convs = load_owl_jsonl(path)

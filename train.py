@@ -65,6 +65,7 @@ class TrainConfig:
     lora_targets: str = "q_proj,v_proj"  # comma-separated f_L Linear names that get LoRA
     freeze_abstractor: bool = False  # stage 2: keep f_K frozen, as the released code does (the paper trains it)
     max_pixels: int = MAX_PIXELS  # an image with more pixels is skipped (and counted), refused from its header
+    caption_prompt: str = "Describe the image."  # stage 1: each caption is learnt as the answer to this question about its image ("Human: <image>\nHuman: Q\nAI: caption", the chat layout stage 2 uses); "" puts the caption right after the image
     augment: bool = False  # stage-1 RandomResizedCrop + flip, as the official recipe (flips break left/right answers)
     grad_checkpointing: bool = False  # recompute f_V / f_L activations in backward to save memory
     eval_every: int = 0  # validation loss every N steps; 0 = at the end only
@@ -221,7 +222,8 @@ def load_samples(cfg: TrainConfig, stage: int, tokenizer: Tokenizer, tokens_per_
         if not Path(path).is_file():
             fail(f"data file {path} does not exist")
         try:
-            samples = data.load_training_samples(path, stage, tokenizer, tokens_per_image, cfg.seq_len)
+            samples = data.load_training_samples(path, stage, tokenizer, tokens_per_image, cfg.seq_len,
+                                                 cfg.caption_prompt)
         except (ValueError, IndexError, KeyError, TypeError) as e:  # not JSON, or not the stage's format at all
             fail(f"{path} is not stage-{stage} training data ({type(e).__name__}: {e})")
         if not samples:
@@ -335,7 +337,7 @@ def trainable_state(model) -> dict:
 def run_signature(cfg: TrainConfig, stage: int, model_cfg: dict) -> dict:
     """What must match for --resume to continue a run: the stage, the model and the optimisation settings."""
     keep = ("steps", "batch_size", "lr", "abstractor_lr_scale", "seq_len", "lora_r", "lora_alpha", "lora_targets", "freeze_abstractor",
-            "seed", "weight_decay", "warmup", "grad_clip", "lora_dropout", "augment")
+            "seed", "weight_decay", "warmup", "grad_clip", "lora_dropout", "augment", "caption_prompt")
     return {"stage": stage, "model": model_cfg, **{k: getattr(cfg, k) for k in keep}}
 
 
@@ -620,7 +622,7 @@ def validation_loss(model, cfg, stage, tokenizer, tpi, images, device, autocast)
     path = {0: d / "val_corpus.txt", 1: d / "val_stage1.jsonl", 2: d / "val_stage2_owl.jsonl"}[stage]
     if not path.exists():
         return None
-    samples = data.load_training_samples(path, stage, tokenizer, tpi, cfg.seq_len)[:256]
+    samples = data.load_training_samples(path, stage, tokenizer, tpi, cfg.seq_len, cfg.caption_prompt)[:256]
     was_training = model.training
     model.eval()
     total, count = 0.0, 0

@@ -92,6 +92,19 @@ def test_truncation_drops_a_sample_left_without_answer(tok):
     assert half is None or IMAGE_ID not in half.ids
 
 
+
+def test_stage1_captions_are_answers_to_the_caption_prompt_or_follow_the_image(tmp_path, tok):
+    (tmp_path / "a.png").write_bytes(b"")  # only its presence is checked when samples are built
+    (tmp_path / "c.jsonl").write_text(json.dumps({"image": "a.png", "caption": "A red circle at the left."}) + "\n")
+    caption = tok.encode("A red circle at the left.") + [tok.eos_id]
+    plain = data.load_training_samples(tmp_path / "c.jsonl", 1, tok, 17, 256)[0]
+    assert plain.ids == [tok.bos_id] + [IMAGE_ID] * 17 + caption and plain.images == [str(tmp_path / "a.png")]
+    chat = data.load_training_samples(tmp_path / "c.jsonl", 1, tok, 17, 256, "Describe the image.")[0]
+    prompt = ([tok.bos_id] + tok.encode("Human: ") + [IMAGE_ID] * 17
+              + tok.encode("\nHuman: Describe the image.\nAI: "))
+    assert chat.ids == prompt + caption
+    assert chat.labels == [-100] * len(prompt) + caption  # the loss falls on the caption and its EOS only
+
 def test_three_stage2_formats_give_the_same_samples(tmp_path, tok):
     turns = [("What is 2 plus 1?", "2 plus 1 is 3.")]
     (tmp_path / "a.jsonl").write_text(json.dumps({"text": data.render_owl_text(turns), "task_type": "x"}) + "\n")
