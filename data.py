@@ -552,7 +552,7 @@ def caption_segments(caption, caption_prompt=""):
     """A stage-1 sample: the caption right after its image; or, with a caption_prompt, the caption as the answer to
     that question about the image, in the chat layout of stage 0's reading chats and stage 2 (less the system text):
     "Human: <image>\nHuman: {caption_prompt}\nAI: {caption}"."""
-    prompt = "Human: " + IMAGE + render_turn(caption_prompt) if caption_prompt else IMAGE
+    prompt = reading_chat(IMAGE, [(caption_prompt, "")]) if caption_prompt else IMAGE
     return [(prompt, False), (caption, True)]
 
 

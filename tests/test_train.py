@@ -92,7 +92,6 @@ def test_truncation_drops_a_sample_left_without_answer(tok):
     assert half is None or IMAGE_ID not in half.ids
 
 
-
 def test_stage1_captions_are_answers_to_the_caption_prompt_or_follow_the_image(tmp_path, tok):
     (tmp_path / "a.png").write_bytes(b"")  # only its presence is checked when samples are built
     (tmp_path / "c.jsonl").write_text(json.dumps({"image": "a.png", "caption": "A red circle at the left."}) + "\n")
@@ -104,6 +103,7 @@ def test_stage1_captions_are_answers_to_the_caption_prompt_or_follow_the_image(t
               + tok.encode("\nHuman: Describe the image.\nAI: "))
     assert chat.ids == prompt + caption
     assert chat.labels == [-100] * len(prompt) + caption  # the loss falls on the caption and its EOS only
+
 
 def test_three_stage2_formats_give_the_same_samples(tmp_path, tok):
     turns = [("What is 2 plus 1?", "2 plus 1 is 3.")]
