@@ -77,11 +77,14 @@ def _apart(a, b):
     return abs(ax - bx) > reach or abs(ay - by) > reach
 
 
-def draw_scene(scene):
-    img = Image.new("RGB", (scene["width"], scene["height"]), tuple(scene["background"]))
+def draw_scene(scene, owners=False):
+    """The scene's picture; owners=True draws instead which shape owns each pixel: a one-channel image, 0 where the
+    background shows, i + 1 where shape i does (the labels of the tiny f_V's pre-training in train.py)."""
+    size = (scene["width"], scene["height"])
+    img = Image.new("L", size, 0) if owners else Image.new("RGB", size, tuple(scene["background"]))
     draw = ImageDraw.Draw(img)
-    for s in scene["shapes"]:
-        (cx, cy), r, fill = s["center"], s["size"] / 2, tuple(s["fill"])
+    for i, s in enumerate(scene["shapes"]):
+        (cx, cy), r, fill = s["center"], s["size"] / 2, i + 1 if owners else tuple(s["fill"])
         if s["shape"] == "circle":
             draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
         elif s["shape"] == "square":
@@ -587,19 +590,24 @@ def load_training_samples(path, stage, tokenizer, tokens_per_image, seq_len, cap
     return [s for s in samples if s is not None]
 
 
-def augment(img, rng):
+def augment(img, rng, *more, flip=True):
     """Stage-1 augmentation of the official recipe: RandomResizedCrop (scale 0.5-1, aspect 3/4-4/3) and a
-    horizontal flip; the resize to the ViT's size happens in the shared image transform afterwards."""
+    horizontal flip; the resize to the ViT's size happens in the shared image transform afterwards. Images in
+    `more` (of img's size: label maps) get the same crop and flip, and all come back as a tuple. flip=False: crop
+    only, so that left and right keep their meaning."""
     w, h = img.size
+    images = (img,) + more
     for _ in range(10):
         area = w * h * rng.uniform(0.5, 1.0)
         aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
         cw, ch = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
         if 0 < cw <= w and 0 < ch <= h:
             left, top = rng.randint(0, w - cw), rng.randint(0, h - ch)
-            img = img.crop((left, top, left + cw, top + ch))
+            images = tuple(i.crop((left, top, left + cw, top + ch)) for i in images)
             break
-    return img.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else img
+    if flip and rng.random() < 0.5:
+        images = tuple(i.transpose(Image.FLIP_LEFT_RIGHT) for i in images)
+    return images if more else images[0]
 
 
 def main(argv=None):

@@ -1,7 +1,9 @@
 """Train Owl in the paper's two stages, on one CPU or many GPUs (DDP under torchrun).
 
     stage 0  (tiny run only) pre-train the tiny f_L on a text corpus and on chats about scenes described in words,
-             so that it can answer from its context, as LLaMA-7B can; the real recipe starts from LLaMA-7B instead.
+             so that it can answer from its context, as LLaMA-7B can; then the tiny f_V on the labelled scenes
+             (--vision-steps), so that it sees shapes, as CLIP's ViT-L/14 does. The real recipe starts from LLaMA-7B
+             (--llm-init) and CLIP (--vit-init) instead.
     stage 1  pre-training: f_V and f_K (queries, visual_fc, vit_eos included) learn to caption; f_L frozen.
     stage 2  joint instruction tuning: f_V frozen; LoRA on f_L (q_proj, v_proj) and f_K trained on text-only and
              multimodal instructions mixed (--freeze-abstractor freezes f_K, as the released code does).
@@ -26,16 +28,18 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from PIL import Image
 from tqdm import tqdm
 
 import data
 import lora
 from llama import Llama, Tokenizer
 from owl import MAX_PIXELS, Owl, OwlConfig, UserError, read_image, render_prompt
-from vit import VisionTransformer
+from vit import ImageTransform, VisionTransformer
 
 
 @dataclass
@@ -65,6 +69,8 @@ class TrainConfig:
     lora_targets: str = "q_proj,v_proj"  # comma-separated f_L Linear names that get LoRA
     freeze_abstractor: bool = False  # stage 2: keep f_K frozen, as the released code does (the paper trains it)
     max_pixels: int = MAX_PIXELS  # an image with more pixels is skipped (and counted), refused from its header
+    vision_steps: int = 800  # stage 0 of the tiny run, after f_L: steps pre-training the tiny f_V on the labelled scenes of data_dir/scenes.jsonl (where the real recipe starts from CLIP); 0 = none
+    vision_lr: float = 2e-3  # peak learning rate of that pre-training
     caption_prompt: str = "Describe the image."  # stage 1: each caption is learnt as the answer to this question about its image ("Human: <image>\nHuman: Q\nAI: caption", the chat layout stage 2 uses); "" puts the caption right after the image
     augment: bool = False  # stage-1 RandomResizedCrop + flip, as the official recipe (flips break left/right answers)
     grad_checkpointing: bool = False  # recompute f_V / f_L activations in backward to save memory
@@ -172,6 +178,11 @@ def build_model(cfg: TrainConfig, stage: int, tokenizer: Tokenizer, device, dtyp
             ocfg.abstractor.hidden_size = vit.cfg.hidden_size
         model = Owl(ocfg)
         model.init_weights()
+        pretrained_vit = Path(llm_dir) / "vision.safetensors"  # the tiny run's stage 0 pre-trains f_V beside f_L
+        if not cfg.vit_init and pretrained_vit.exists():
+            from safetensors.torch import load_file
+            model.vision_model.load_state_dict(load_file(pretrained_vit), strict=True)
+            model.vision_source = pretrained_vit  # named in the stage's first line
         model.language_model = llm
         if cfg.vit_init:
             model.vision_model = vit
@@ -469,8 +480,8 @@ def train_stage(cfg: TrainConfig, stage: int, rank: int, world: int, device: str
         out.mkdir(parents=True, exist_ok=True)
         n_train = sum(p.numel() for p in params)
         print(f"stage {stage}: {n_train / 1e6:.2f}M trainable of {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
-              f"parameters, {sum(len(s) for s, _ in sources)} samples, {cfg.steps} steps of {cfg.batch_size}",
-              file=sys.stderr)
+              f"parameters, {sum(len(s) for s, _ in sources)} samples, {cfg.steps} steps of {cfg.batch_size}"
+              + (f", f_V from {model.vision_source}" if getattr(model, "vision_source", None) else ""), file=sys.stderr)
     n_params = sum(p.numel() for p in model.parameters())
     flops_per_token = 6 * n_params  # PaLM's estimate (attention term left out: short sequences)
     peak = peak_flops(device) * world
@@ -599,6 +610,128 @@ def train_stage(cfg: TrainConfig, stage: int, rank: int, world: int, device: str
     return out
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Stage 0, second part: the tiny f_V learns to see before stage 1, as the real f_V comes from CLIP's ViT-L/14.
+# Captions through a frozen f_L are a weak teacher of shape (README: "The tiny Owl"), and labels are what a
+# synthetic world has for free: every patch is known to show a shape or the background. Each shape's kind is read by
+# a linear head from the max over the patches it covers (a read-out that lets a from-scratch ViT learn shape where
+# an average over patches does not), and the count from CLS; the heads are dropped afterwards.
+
+MIN_COVER = 0.15  # a patch belongs to a shape when the shape covers at least this share of its pixels
+
+
+def labelled_image(scene: dict, transform, patch: int, rng) -> tuple:
+    """(pixels (3, S, S), [(patch mask (N,), (shape, colour, position) indices)] for each shape that still owns a
+    patch, shapes in view) for one scene, drawn from its facts; cropped as in stage 1 when rng is given (not
+    flipped, which would swap left and right)."""
+    img, owners = data.draw_scene(scene), data.draw_scene(scene, owners=True)
+    if rng is not None:
+        img, owners = data.augment(img, rng, owners, flip=False)
+    S = transform.image_size
+    grid = S // patch
+    own = torch.from_numpy(np.asarray(owners.resize((S, S), Image.NEAREST), dtype=np.int64).copy())
+    own = own.reshape(grid, patch, grid, patch).permute(0, 2, 1, 3).reshape(grid * grid, patch * patch)  # row-major
+    n = len(scene["shapes"])
+    cover = torch.stack([(own == i + 1).sum(1) for i in range(n)], 1)  # (N, shapes): pixels of each shape
+    owner = torch.where(cover.max(1).values >= MIN_COVER * patch * patch, cover.argmax(1), -1)
+    objects = [(owner == i, facts(scene["shapes"][i])) for i in range(n) if (owner == i).any()]
+    in_view = len(set(own.unique().tolist()) - {0})
+    return transform(img), objects, in_view
+
+
+FACTS = (data.SHAPES, tuple(data.COLORS), tuple(data.POSITIONS))  # what the heads name of each shape
+
+
+def facts(shape: dict) -> tuple:
+    return tuple(words.index(shape[key]) for words, key in zip(FACTS, ("shape", "color", "position")))
+
+
+def vision_loss(vit, heads, batch, device) -> tuple:
+    """Summed cross-entropies over a batch of labelled images (each shape's kind, colour and position, the count),
+    and the shapes whose kind is named correctly."""
+    pixels = torch.stack([b[0] for b in batch]).to(device)
+    hidden = vit(pixels)  # (B, 1 + N, D)
+    per_patch = heads[0](hidden[:, 1:])  # (B, N, 3 + 4 + 4)
+    logits = torch.stack([per_patch[i][mask.to(device)].max(0).values for i, b in enumerate(batch) for mask, _ in b[1]])
+    targets = torch.tensor([f for b in batch for _, f in b[1]], device=device)  # (shapes, 3)
+    counts = torch.tensor([b[2] for b in batch], device=device)
+    loss = F.cross_entropy(heads[1](hidden[:, 0]), counts, reduction="sum")
+    start = 0
+    for j, words in enumerate(FACTS):
+        part = logits[:, start: start + len(words)]
+        loss = loss + F.cross_entropy(part, targets[:, j], reduction="sum")
+        if j == 0:
+            right = int((part.argmax(1) == targets[:, 0]).sum())
+        start += len(words)
+    return loss, right, len(targets)
+
+
+def pretrain_vision(cfg: TrainConfig, rank: int, world: int, device: str) -> None:
+    """Stage 0's f_V: cfg.vision_steps steps on the scenes behind stage1.jsonl, written to stage0/vision.safetensors,
+    which stage 1 then starts from. Skipped without scenes.jsonl (data not from data.py) or with --data."""
+    d, out = Path(cfg.data_dir), Path(cfg.out_dir) / "stage0"
+    path = out / "vision.safetensors"
+    if not cfg.vision_steps or cfg.data or not (d / "scenes.jsonl").is_file() or not (d / "stage1.jsonl").is_file():
+        return
+    if cfg.resume and path.exists():
+        return
+    with open(d / "stage1.jsonl") as f:
+        train_images = {json.loads(line)["image"] for line in f if line.strip()}
+    with open(d / "heldout.jsonl") if (d / "heldout.jsonl").is_file() else open(os.devnull) as f:
+        heldout_images = {image for line in f if line.strip() for image in json.loads(line)["image"]}
+    with open(d / "scenes.jsonl") as f:
+        scenes = [json.loads(line) for line in f if line.strip()]
+    train = [s for s in scenes if s["image"] in train_images]
+    heldout = [s for s in scenes if s["image"] in heldout_images][:256]
+    batch_size = cfg.batch_size or 64
+    if batch_size % world:
+        fail(f"--batch-size {batch_size} is not divisible by the {world} ranks")
+    per_rank = batch_size // world
+    torch.manual_seed(cfg.seed)
+    vcfg = OwlConfig.preset(cfg.model).vision
+    vit = VisionTransformer(vcfg)
+    vit.init_weights()
+    heads = torch.nn.ModuleList([torch.nn.Linear(vcfg.hidden_size, sum(map(len, FACTS))),
+                                 torch.nn.Linear(vcfg.hidden_size, 5)])
+    both = torch.nn.ModuleList([vit, heads]).to(device)
+    opt = torch.optim.AdamW(both.parameters(), lr=cfg.vision_lr, weight_decay=0.05)
+    transform = ImageTransform(vcfg.image_size)
+    order = random.Random(cfg.seed).choices(range(len(train)), k=cfg.vision_steps * batch_size)
+    bar = tqdm(range(cfg.vision_steps), disable=rank != 0, desc="stage 0: f_V", dynamic_ncols=True)
+    for step in bar:
+        rng = random.Random(cfg.seed * 1000003 + step * world + rank)
+        picks = order[step * batch_size: (step + 1) * batch_size][rank * per_rank: (rank + 1) * per_rank]
+        batch = [labelled_image(train[i], transform, vcfg.patch_size, rng) for i in picks]
+        warm = min(1.0, (step + 1) / max(1, cfg.vision_steps // 20))
+        for g in opt.param_groups:
+            g["lr"] = cfg.vision_lr * warm * 0.5 * (1 + math.cos(math.pi * step / cfg.vision_steps))
+        loss, _, n = vision_loss(vit, heads, batch, device)
+        terms = torch.tensor([float(n + len(batch))], device=device)  # shapes and counts, over all ranks
+        if world > 1:
+            dist.all_reduce(terms)
+        (loss / terms).backward()
+        if world > 1:  # summed gradients of the per-rank sums: those of one process on the whole batch
+            for p in both.parameters():
+                dist.all_reduce(p.grad)
+        torch.nn.utils.clip_grad_norm_(both.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item() / terms.item() * world:.3f}")
+    if rank == 0:
+        from safetensors.torch import save_file
+        vit.eval()
+        with torch.no_grad():
+            results = [vision_loss(vit, heads, [labelled_image(s, transform, vcfg.patch_size, None)], device)[1:]
+                       for s in heldout]
+        if results:
+            right, total = map(sum, zip(*results))
+            (out / "accuracy_vision.json").write_text(json.dumps({"shape": [right, total]}, indent=2))
+            print(f"stage 0: f_V names {100 * right / max(1, total):.1f}% of the held-out shapes", file=sys.stderr)
+        tmp = path.with_suffix(".tmp")  # whole or absent: --resume redoes this part unless the file is there
+        save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, tmp)
+        os.replace(tmp, path)
+
+
 def export(model, stage: int, out: Path, tok_path: Path, cfg: TrainConfig) -> None:
     """Write the stage's result: stage 0 an HF LLaMA folder; stages 1-2 an official Owl folder (LoRA merged)."""
     from safetensors.torch import save_file
@@ -724,6 +857,8 @@ def main(argv=None) -> None:
         stages = [0, 1, 2] if cfg.stage == "all" else [int(cfg.stage)]
         for stage in stages:
             train_stage(cfg, stage, rank, world, device)
+            if stage == 0:
+                pretrain_vision(cfg, rank, world, device)
             if world > 1:
                 dist.barrier()
     finally:

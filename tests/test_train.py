@@ -47,7 +47,7 @@ def synth(tmp_path_factory):
 @pytest.fixture(scope="module")
 def stage0(synth, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
-    run("--stage", "0", "--data-dir", str(synth), "--out-dir", str(out), "--steps", "20", *SMALL)
+    run("--stage", "0", "--data-dir", str(synth), "--out-dir", str(out), "--steps", "20", "--vision-steps", "4", *SMALL)
     return out
 
 
@@ -172,9 +172,60 @@ def test_stage1_trains_vision_and_abstractor(synth, stage0, tmp_path):
     run("--stage", "1", "--data-dir", str(synth), "--out-dir", str(tmp_path / "r2"), "--llm-init",
         str(stage0 / "stage0"), "--steps", "2", "--seed", "6", *SMALL)
     b = load_file(tmp_path / "r2" / "stage1" / "model.safetensors")
-    # different seeds: different random f_V / f_K starts and updates, the same frozen f_L
+    # different seeds: different f_K starts, data orders and so f_V updates; the same frozen f_L
     assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("vision_model."))
     assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("language_model."))
+
+
+def test_vision_labels_name_the_patches_each_shape_covers():
+    # a 64 px canvas is the tiny f_V's own size, so no resize: a square spanning pixels 8..32 fills the 8 px patches
+    # of rows and columns 1-3 and touches column 4 with one pixel column (8 px, under 15% of 64); a circle elsewhere
+    scene = {"width": 64, "height": 64, "background": [255, 255, 255], "shapes": [
+        {"color": "red", "shape": "square", "position": "left", "center": [20, 20], "size": 24, "fill": [200, 40, 40],
+         "angle": 0.0},
+        {"color": "blue", "shape": "circle", "position": "right", "center": [52, 52], "size": 16, "fill": [40, 40, 200],
+         "angle": 0.0}]}
+    transform = train.ImageTransform(64)
+    pixels, objects, in_view = train.labelled_image(scene, transform, 8, None)
+    assert pixels.shape == (3, 64, 64) and in_view == 2
+    assert [f for _, f in objects] == [(data.SHAPES.index("square"), list(data.COLORS).index("red"),
+                                        list(data.POSITIONS).index("left")),
+                                       (data.SHAPES.index("circle"), list(data.COLORS).index("blue"),
+                                        list(data.POSITIONS).index("right"))]
+    square = {(int(i) // 8, int(i) % 8) for i in objects[0][0].nonzero()}
+    assert square == {(r, c) for r in (1, 2, 3) for c in (1, 2, 3)}
+    circle = {(int(i) // 8, int(i) % 8) for i in objects[1][0].nonzero()}
+    assert circle and all(r >= 5 and c >= 5 for r, c in circle)
+
+
+def test_vision_pretraining_loss_falls_on_a_fixed_batch():
+    torch.manual_seed(0)
+    vit = train.VisionTransformer(train.OwlConfig.preset("tiny").vision)
+    vit.init_weights()
+    heads = torch.nn.ModuleList([torch.nn.Linear(128, 11), torch.nn.Linear(128, 5)])
+    rng = random.Random(0)
+    batch = [train.labelled_image(data.random_scene(rng), train.ImageTransform(64), 8, None) for _ in range(8)]
+    opt = torch.optim.AdamW([*vit.parameters(), *heads.parameters()], lr=1e-3)
+    first = None
+    for _ in range(25):
+        loss, _, n = train.vision_loss(vit, heads, batch, "cpu")
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        (loss / (n + len(batch))).backward()
+        opt.step()
+    assert loss.item() < 0.5 * first
+
+
+def test_stage1_starts_from_the_stage0_vision_encoder(synth, stage0, tmp_path):
+    out = tmp_path / "r"
+    (out / "stage0").mkdir(parents=True)
+    for f in (stage0 / "stage0").iterdir():
+        (out / "stage0" / f.name).write_bytes(f.read_bytes())
+    p = run("--stage", "1", "--data-dir", str(synth), "--out-dir", str(out), "--steps", "1", "--lr", "1e-30", *SMALL)
+    assert f"f_V from {out / 'stage0' / 'vision.safetensors'}" in p.stderr
+    pre = load_file(out / "stage0" / "vision.safetensors")
+    owl = load_file(out / "stage1" / "model.safetensors")
+    assert pre and all(torch.allclose(owl["vision_model." + k], v) for k, v in pre.items())
 
 
 def test_two_ddp_ranks_match_one_rank(synth, stage1, tmp_path):
