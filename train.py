@@ -614,9 +614,9 @@ def train_stage(cfg: TrainConfig, stage: int, rank: int, world: int, device: str
 # ---------------------------------------------------------------------------------------------------------------
 # Stage 0, second part: the tiny f_V learns to see before stage 1, as the real f_V comes from CLIP's ViT-L/14.
 # Captions through a frozen f_L are a weak teacher of shape (README: "The tiny Owl"), and labels are what a
-# synthetic world has for free: every patch is known to show a shape or the background. Each shape's kind is read by
-# a linear head from the max over the patches it covers (a read-out that lets a from-scratch ViT learn shape where
-# an average over patches does not), and the count from CLS; the heads are dropped afterwards.
+# synthetic world has for free: every patch is known to show a shape or the background. Each shape's kind, colour and
+# position are read by a linear head from the max over the patches it covers (a read-out that lets a from-scratch ViT
+# learn shape where an average over patches does not), and the count from CLS; the heads are dropped afterwards.
 
 MIN_COVER = 0.15  # a patch belongs to a shape when the shape covers at least this share of its pixels
 
@@ -656,15 +656,10 @@ def vision_loss(vit, heads, batch, device) -> tuple:
     logits = torch.stack([per_patch[i][mask.to(device)].max(0).values for i, b in enumerate(batch) for mask, _ in b[1]])
     targets = torch.tensor([f for b in batch for _, f in b[1]], device=device)  # (shapes, 3)
     counts = torch.tensor([b[2] for b in batch], device=device)
+    parts = logits.split([len(words) for words in FACTS], dim=1)  # kind, colour, position
     loss = F.cross_entropy(heads[1](hidden[:, 0]), counts, reduction="sum")
-    start = 0
-    for j, words in enumerate(FACTS):
-        part = logits[:, start: start + len(words)]
-        loss = loss + F.cross_entropy(part, targets[:, j], reduction="sum")
-        if j == 0:
-            right = int((part.argmax(1) == targets[:, 0]).sum())
-        start += len(words)
-    return loss, right, len(targets)
+    loss = loss + sum(F.cross_entropy(part, targets[:, j], reduction="sum") for j, part in enumerate(parts))
+    return loss, int((parts[0].argmax(1) == targets[:, 0]).sum()), len(targets)
 
 
 def pretrain_vision(cfg: TrainConfig, rank: int, world: int, device: str) -> None:
@@ -678,8 +673,9 @@ def pretrain_vision(cfg: TrainConfig, rank: int, world: int, device: str) -> Non
         return
     with open(d / "stage1.jsonl") as f:
         train_images = {json.loads(line)["image"] for line in f if line.strip()}
-    with open(d / "heldout.jsonl") if (d / "heldout.jsonl").is_file() else open(os.devnull) as f:
-        heldout_images = {image for line in f if line.strip() for image in json.loads(line)["image"]}
+    heldout_file = d / "heldout.jsonl"
+    lines = heldout_file.read_text().splitlines() if heldout_file.is_file() else []
+    heldout_images = {image for line in lines if line.strip() for image in json.loads(line)["image"]}
     with open(d / "scenes.jsonl") as f:
         scenes = [json.loads(line) for line in f if line.strip()]
     train = [s for s in scenes if s["image"] in train_images]
