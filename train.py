@@ -93,7 +93,8 @@ class TrainConfig:
 # lr 1e-3 (measured with a linear probe), so stage 1 gets most of the remaining time at that rate. Stage 0's f_V part
 # (--vision-steps 800) adds an estimated 3-4 minutes there; it took shape from about 60% to 80% (README). With both
 # pre-trained, stage 1 reaches in 300 steps the loss it used to end at; 500 steps instead of 800 (about 3 minutes less)
-# cost 1.7 points held-out (89.7% -> 88.0%), and keep the demo within its 20 minutes.
+# cost 1.7 points held-out (89.7% -> 88.0%); the demo then took 38 min on a machine about 2x slower than the one of
+# the 17-minute demo (about 18 min there by stage 0's ratio: an estimate, not run there).
 STAGE_DEFAULTS = {0: dict(steps=600, batch_size=64, lr=1e-3), 1: dict(steps=500, batch_size=64, lr=1e-3),
                   2: dict(steps=300, batch_size=64, lr=1e-3)}
 
