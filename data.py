@@ -136,13 +136,12 @@ def caption(scene, rng):
     return rng.choice(CAPTIONS).format(items=items, **_counted(len(scene["shapes"])))
 
 
-def ask(kind, scene, rng, s=None):
-    """(question, answer, target facts) of one kind about one scene, about shape `s` (default: one drawn at random);
-    colour and shape need a 1-shape scene."""
+def ask(kind, scene, rng):
+    """(question, answer, target facts) of one kind about one scene; colour and shape need a 1-shape scene."""
     shapes = scene["shapes"]
     if kind in ("color", "shape"):
         assert len(shapes) == 1, "colour and shape questions are only asked about single-shape images"
-    s = s or rng.choice(shapes)
+    s = rng.choice(shapes)
     facts = {"color": s["color"], "shape": s["shape"], "position": s["position"], **_counted(len(shapes))}
     question = rng.choice(QUESTIONS[kind]).format(**facts)
     if kind == "describe":
@@ -213,9 +212,9 @@ def render_owl_text(turns):
 
 
 def synth(out, seed=0, n_train=12000, n_owl=8000, n_llava=4000, n_alpaca=600, n_heldout=1000, vocab_size=512,
-          n_reading=20000, n_lookup=20000):
+          n_reading=20000):
     """Write into `out`: images/ (s_* for training, h_* held out), scenes.jsonl (the facts of every image),
-    stage1.jsonl (and stage1_single.jsonl: its single-shape lines again), stage2_owl.jsonl, stage2_llava.json, stage2_alpaca.json, corpus.txt, reading.jsonl and lookup.jsonl (stage 0's
+    stage1.jsonl (and stage1_single.jsonl: its single-shape lines again), stage2_owl.jsonl, stage2_llava.json, stage2_alpaca.json, corpus.txt and reading.jsonl (stage 0's
     text), heldout.jsonl (questions
     without <image> tags, their images listed apart), heldout_reading.jsonl (the same questions about the scene
     in words), val_* files for the validation loss (on held-out images) and
@@ -245,18 +244,6 @@ def synth(out, seed=0, n_train=12000, n_owl=8000, n_llava=4000, n_alpaca=600, n_
         turns = [ask(kind, scene, crng)[:2] for kind in crng.sample(kinds, crng.choice((1, 1, 2)))]
         chat = reading_chat(caption(scene, crng), turns)
         reading.append({"text": SYSTEM + "\n" + chat if crng.random() < 0.25 else chat})  # the system text is long
-    # Chats that ask where each shape of a 2-4 shape scene is, one turn a shape: finding a shape in the context by
-    # its name and copying its place is the look-up that position questions need. The tiny f_L learns it only from
-    # many such turns: in 600 steps it stayed at chance with the reading chats alone, and learnt it (abruptly, after
-    # 400-500 steps) with these at a third to a half of its samples. A third of them first ask for a description:
-    # without it the f_L, while learning the look-up, began to copy a neighbour's colour into its lists (README).
-    lrng = random.Random(f"lookup/{seed}")
-    lookup = []
-    for _ in range(n_lookup):
-        scene = random_scene(lrng, lrng.randint(2, 4))
-        turns = [ask("describe", scene, lrng)[:2]] if lrng.random() < 1 / 3 else []
-        turns += [ask("position", scene, lrng, s)[:2] for s in lrng.sample(scene["shapes"], len(scene["shapes"]))]
-        lookup.append({"text": reading_chat(caption(scene, lrng), turns)})
 
     rng = random.Random(f"stage2/{seed}")
     owl, llava = [], []
@@ -305,14 +292,13 @@ def synth(out, seed=0, n_train=12000, n_owl=8000, n_llava=4000, n_alpaca=600, n_
                        ("stage2_owl.jsonl", owl),
                        ("heldout.jsonl", heldout), ("heldout_reading.jsonl", heldout_reading),
                        ("stage2_llava.json", llava), ("stage2_alpaca.json", alpaca),
-                       ("corpus.txt", corpus), ("reading.jsonl", reading), ("lookup.jsonl", lookup), ("val_stage1.jsonl", val_captions), ("val_stage2_owl.jsonl", val_owl),
+                       ("corpus.txt", corpus), ("reading.jsonl", reading), ("val_stage1.jsonl", val_captions), ("val_stage2_owl.jsonl", val_owl),
                        ("val_corpus.txt", [c["caption"] for c in val_captions])):
         with open(os.path.join(out, name), "w") as f:
             if name.endswith(".json"):
                 json.dump(rows, f, indent=1)
             else:
                 f.writelines((r if name.endswith(".txt") else json.dumps(r)) + "\n" for r in rows)
-    # (the look-up chats hold no word the reading chats lack; leaving them out keeps the tokenizer as it was)
     texts = corpus + [r["text"] for r in owl + reading] + [r["answer"] for r in heldout]
     train_tokenizer(texts, os.path.join(out, "tokenizer.model"), vocab_size)
 
@@ -641,16 +627,13 @@ def main(argv=None):
     p.add_argument("--n-heldout", type=int, default=1000, help="held-out questions, each on a new image")
     p.add_argument("--n-reading", type=int, default=20000,
                    help="stage-0 chats about scenes described in words (reading.jsonl), no images")
-    p.add_argument("--n-lookup", type=int, default=20000,
-                   help="stage-0 chats that ask where each shape of a 2-4 shape scene described in words is "
-                        "(lookup.jsonl), no images")
     p.add_argument("--vocab-size", type=int, default=512, help="SentencePiece vocabulary size (an upper bound)")
     args = parser.parse_args(argv)
     if args.n_train < 2:
         parser.error("--n-train must be at least 2 (comparisons need two images)")
     start = time.time()
     synth(args.out, args.seed, args.n_train, args.n_owl, args.n_llava, args.n_alpaca, args.n_heldout, args.vocab_size,
-          args.n_reading, args.n_lookup)
+          args.n_reading)
     print(f"wrote {args.out} in {time.time() - start:.1f} s")
 
 

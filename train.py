@@ -69,7 +69,7 @@ class TrainConfig:
     lora_targets: str = "q_proj,v_proj"  # comma-separated f_L Linear names that get LoRA
     freeze_abstractor: bool = False  # stage 2: keep f_K frozen, as the released code does (the paper trains it)
     max_pixels: int = MAX_PIXELS  # an image with more pixels is skipped (and counted), refused from its header
-    vision_steps: int = 500  # stage 0 of the tiny run, after f_L: steps pre-training the tiny f_V on the labelled scenes of data_dir/scenes.jsonl (where the real recipe starts from CLIP); 0 = none
+    vision_steps: int = 800  # stage 0 of the tiny run, after f_L: steps pre-training the tiny f_V on the labelled scenes of data_dir/scenes.jsonl (where the real recipe starts from CLIP); 0 = none
     vision_lr: float = 2e-3  # peak learning rate of that pre-training
     caption_prompt: str = "Describe the image."  # stage 1: each caption is learnt as the answer to this question about its image ("Human: <image>\nHuman: Q\nAI: caption", the chat layout stage 2 uses); "" puts the caption right after the image
     augment: bool = False  # stage-1 RandomResizedCrop + flip, as the official recipe (flips break left/right answers)
@@ -89,14 +89,14 @@ class TrainConfig:
 # to learn to answer from its context (measured: colour copied from a described scene 17% after 300 steps of plain
 # text, 100% after 600 with the reading chats at weight 3), and at lr 1e-3 rather than 3e-3: in the same 600 steps it
 # then copies a described list of shapes without a miss (describe 28% -> 100% in words) and the whole Owl rose from
-# 71.7% to 89.7% on held-out images (README). With the look-up chats (lookup.jsonl, weight 4) it also learns, after
-# 400-500 steps, to find a shape by its name (README: position in words 61% -> 74%), at about 1.8x the time a step;
-# f_V's pre-training (--vision-steps, 800 -> 500) and stage 2 (300 -> 250 steps) were cut to pay for part of it. A
-# from-scratch f_V is the slow learner and unstable above lr 1e-3 (measured with a linear probe), so stage 1 gets
-# most of the remaining time at that rate. With both pre-trained, stage 1 reaches in 300 steps the loss it used to
-# end at; 500 steps instead of 800 cost 1.7 points held-out (89.7% -> 88.0%). Demo times are in README.
+# 71.7% to 89.7% on held-out images (README). A from-scratch f_V is the slow learner and unstable above
+# lr 1e-3 (measured with a linear probe), so stage 1 gets most of the remaining time at that rate. Stage 0's f_V part
+# (--vision-steps 800) adds an estimated 3-4 minutes there; it took shape from about 60% to 80% (README). With both
+# pre-trained, stage 1 reaches in 300 steps the loss it used to end at; 500 steps instead of 800 (about 3 minutes less)
+# cost 1.7 points held-out (89.7% -> 88.0%); the demo then took 38 min on a machine about 2x slower than the one of
+# the 17-minute demo (about 18 min there by stage 0's ratio: an estimate, not run there).
 STAGE_DEFAULTS = {0: dict(steps=600, batch_size=64, lr=1e-3), 1: dict(steps=500, batch_size=64, lr=1e-3),
-                  2: dict(steps=250, batch_size=64, lr=1e-3)}
+                  2: dict(steps=300, batch_size=64, lr=1e-3)}
 
 
 def parse_args(argv=None) -> TrainConfig:
@@ -229,7 +229,7 @@ def find_tokenizer(cfg: TrainConfig, stage: int) -> Path:
 
 def load_samples(cfg: TrainConfig, stage: int, tokenizer: Tokenizer, tokens_per_image: int):
     d = Path(cfg.data_dir)
-    sources = list(cfg.data) or {0: [f"{d / 'corpus.txt'}", f"{d / 'reading.jsonl'}:3", f"{d / 'lookup.jsonl'}:4"],
+    sources = list(cfg.data) or {0: [f"{d / 'corpus.txt'}", f"{d / 'reading.jsonl'}:3"],
                                  1: [f"{d / 'stage1.jsonl'}", f"{d / 'stage1_single.jsonl'}"],
                                  2: [f"{d / 'stage2_owl.jsonl'}", f"{d / 'stage2_llava.json'}",
                                      f"{d / 'stage2_alpaca.json'}:0.3"]}[stage]

@@ -14,7 +14,7 @@ import data  # noqa: E402
 from llama import Tokenizer  # noqa: E402
 
 SMALL = ["--n-train", "40", "--n-owl", "40", "--n-llava", "20", "--n-alpaca", "30", "--n-heldout", "25",
-         "--n-reading", "30", "--n-lookup", "20"]
+         "--n-reading", "30"]
 
 
 def _synth(root, seed):
@@ -28,7 +28,7 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("synth")
     a, again = _synth(root, 0), _synth(root / "again", 0)
     more_train = str(root / "more_train")
-    data.synth(more_train, seed=0, n_train=45, n_owl=5, n_llava=5, n_alpaca=5, n_heldout=25, n_reading=5, n_lookup=5)
+    data.synth(more_train, seed=0, n_train=45, n_owl=5, n_llava=5, n_alpaca=5, n_heldout=25, n_reading=5)
     return {"a": a, "again": again, "other": _synth(root, 1), "more_train": more_train}
 
 
@@ -51,7 +51,7 @@ def test_same_seed_same_files_other_seed_other_files(runs):
     a, again, other = (_files(runs[k]) for k in ("a", "again", "other"))
     assert a == again
     assert {"stage1.jsonl", "stage1_single.jsonl", "stage2_owl.jsonl", "stage2_llava.json", "stage2_alpaca.json", "corpus.txt",
-            "reading.jsonl", "lookup.jsonl", "heldout.jsonl", "tokenizer.model", "scenes.jsonl"} <= set(a)
+            "reading.jsonl", "heldout.jsonl", "tokenizer.model", "scenes.jsonl"} <= set(a)
     assert sum(name.startswith("images/") for name in a) == 40 + 25
     for name in ("stage1.jsonl", "stage2_owl.jsonl", "heldout.jsonl", "images/s_00000.png", "images/h_00000.png"):
         assert a[name] != other[name], name
@@ -189,35 +189,6 @@ def test_reading_chats_answer_from_the_scene_in_their_first_line(runs):
             named = {w for w in data._words(answer)
                      if w in data.COLORS or w in data.SHAPES or w in data.POSITIONS or w.isdigit()}
             assert named and named <= facts, (described, question, answer)
-
-
-def test_lookup_chats_ask_where_each_shape_of_the_described_scene_is(runs):
-    """Stage 0's look-up chats: 2-4 shapes in words, then (sometimes after a description) one position question a
-    shape, each shape once, each answered with the place the description gives that shape."""
-    docs = [r["text"] for r in _jsonl(os.path.join(runs["a"], "lookup.jsonl"))]
-    assert len(docs) == 20
-    sizes, described_first = set(), 0
-    for doc in docs:
-        described, *turns = doc[len("Human: "):].split("\nHuman: ")
-        if turns[0].split("\nAI: ")[0] in data.QUESTIONS["describe"]:
-            described_first += 1
-            assert data._words(turns.pop(0).split("\nAI: ")[1])[-4:] == data._words(described)[-4:], doc
-        words = data._words(described)
-        # "a <colour> <shape> at the <position>" in the description -> the place of each (colour, shape)
-        places = {(words[i], words[i + 1]): words[i + 4] for i in range(len(words) - 4)
-                  if words[i] in data.COLORS and words[i + 1] in data.SHAPES and words[i + 4] in data.POSITIONS}
-        assert 2 <= len(places) <= 4 and len(turns) == len(places), doc
-        sizes.add(len(places))
-        asked = []
-        for turn in turns:
-            question, answer = turn.split("\nAI: ")
-            q = data._words(question)
-            named = [(a, b) for a, b in zip(q, q[1:]) if a in data.COLORS and b in data.SHAPES]
-            assert len(named) == 1, question
-            asked += named
-            assert [w for w in data._words(answer) if w in data.POSITIONS] == [places[named[0]]], (doc, turn)
-        assert sorted(asked) == sorted(places), doc
-    assert sizes == {2, 3, 4} and 0 < described_first < len(docs)
 
 
 def test_heldout_reading_asks_the_heldout_questions_about_the_scene_in_words(runs):

@@ -40,7 +40,7 @@ def run(*args, check=True, **kw):
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):
     d = tmp_path_factory.mktemp("synth")
-    data.synth(str(d), seed=3, n_train=120, n_owl=60, n_llava=30, n_alpaca=30, n_heldout=10, n_reading=60, n_lookup=40)
+    data.synth(str(d), seed=3, n_train=120, n_owl=60, n_llava=30, n_alpaca=30, n_heldout=10, n_reading=60)
     return d
 
 
