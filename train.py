@@ -237,8 +237,8 @@ def load_samples(cfg: TrainConfig, stage: int, tokenizer: Tokenizer, tokens_per_
     for spec in sources:
         path, weight = parse_source(spec)
         if not Path(path).is_file():
-            fail(f"data file {path} does not exist" + ("" if cfg.data else
-                 f" (draw the tiny run's data again with `python data.py synth --out {cfg.data_dir}`)"))
+            hint = "" if cfg.data else f" (write it with `python data.py synth --out {cfg.data_dir}`)"
+            fail(f"data file {path} does not exist{hint}")
         try:
             samples = data.load_training_samples(path, stage, tokenizer, tokens_per_image, cfg.seq_len,
                                                  cfg.caption_prompt)
