@@ -79,7 +79,7 @@ def _apart(a, b):
 
 def draw_scene(scene, owners=False):
     """The scene's picture; owners=True draws instead which shape owns each pixel: a one-channel image, 0 where the
-    background shows, i + 1 where shape i does (the labels of the tiny f_V's pre-training in train.py)."""
+    background shows, i + 1 where shape i does (the labels of the tiny f_V's pre-training in tiny.py)."""
     size = (scene["width"], scene["height"])
     img = Image.new("L", size, 0) if owners else Image.new("RGB", size, tuple(scene["background"]))
     draw = ImageDraw.Draw(img)

@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import data  # noqa: E402
+import tiny  # noqa: E402
 import train  # noqa: E402
 from conftest import write_huge_png  # noqa: E402
 from llama import Tokenizer  # noqa: E402
@@ -185,8 +186,8 @@ def test_vision_labels_name_the_patches_each_shape_covers():
          "angle": 0.0},
         {"color": "blue", "shape": "circle", "position": "right", "center": [52, 52], "size": 16, "fill": [40, 40, 200],
          "angle": 0.0}]}
-    transform = train.ImageTransform(64)
-    pixels, objects, in_view = train.labelled_image(scene, transform, 8, None)
+    transform = tiny.ImageTransform(64)
+    pixels, objects, in_view = tiny.labelled_image(scene, transform, 8, None)
     assert pixels.shape == (3, 64, 64) and in_view == 2
     assert [f for _, f in objects] == [(data.SHAPES.index("square"), list(data.COLORS).index("red"),
                                         list(data.POSITIONS).index("left")),
@@ -204,11 +205,11 @@ def test_vision_pretraining_loss_falls_on_a_fixed_batch():
     vit.init_weights()
     heads = torch.nn.ModuleList([torch.nn.Linear(128, 11), torch.nn.Linear(128, 5)])
     rng = random.Random(0)
-    batch = [train.labelled_image(data.random_scene(rng), train.ImageTransform(64), 8, None) for _ in range(8)]
+    batch = [tiny.labelled_image(data.random_scene(rng), tiny.ImageTransform(64), 8, None) for _ in range(8)]
     opt = torch.optim.AdamW([*vit.parameters(), *heads.parameters()], lr=1e-3)
     first = None
     for _ in range(25):
-        loss, _, n = train.vision_loss(vit, heads, batch, "cpu")
+        loss, _, n = tiny.vision_loss(vit, heads, batch, "cpu")
         first = first if first is not None else loss.item()
         opt.zero_grad()
         (loss / (n + len(batch))).backward()
