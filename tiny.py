@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 import data
 from llama import Llama, Tokenizer
-from owl import Owl, OwlConfig, render_prompt
+from owl import Owl, OwlConfig, load_image, render_prompt
 from vit import ImageTransform, VisionTransformer
 
 
@@ -31,6 +31,11 @@ from vit import ImageTransform, VisionTransformer
 # synthetic world has for free: every patch is known to show a shape or the background. Each shape's kind, colour and
 # position are read by a linear head from the max over the patches it covers (a read-out that lets a from-scratch ViT
 # learn shape where an average over patches does not), and the count from CLS; the heads are dropped afterwards.
+
+def read_jsonl(path: Path) -> list:
+    """The rows of a JSONL file this project wrote itself (data.py's own files: no malformed lines to count)."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
 
 MIN_COVER = 0.15  # a patch belongs to a shape when the shape covers at least this share of its pixels
 
@@ -86,13 +91,11 @@ def pretrain_vision(cfg, batch_size: int, rank: int, world: int, device: str) ->
         return
     if cfg.resume and path.exists():
         return
-    with open(d / "stage1.jsonl") as f:
-        train_images = {json.loads(line)["image"] for line in f if line.strip()}
+    train_images = {r["image"] for r in read_jsonl(d / "stage1.jsonl")}
     heldout_file = d / "heldout.jsonl"
-    lines = heldout_file.read_text().splitlines() if heldout_file.is_file() else []
-    heldout_images = {image for line in lines if line.strip() for image in json.loads(line)["image"]}
-    with open(d / "scenes.jsonl") as f:
-        scenes = [json.loads(line) for line in f if line.strip()]
+    held = read_jsonl(heldout_file) if heldout_file.is_file() else []
+    heldout_images = {image for r in held for image in r["image"]}
+    scenes = read_jsonl(d / "scenes.jsonl")
     train = [s for s in scenes if s["image"] in train_images]
     heldout = [s for s in scenes if s["image"] in heldout_images][:256]
     per_rank = batch_size // world
@@ -146,8 +149,6 @@ def pretrain_vision(cfg, batch_size: int, rank: int, world: int, device: str) ->
 
 def evaluate(ckpt: Path, heldout: Path, limit: int, device: str) -> dict:
     """Answer held-out questions greedily with the exported checkpoint; accuracy by question kind."""
-    from owl import load_image
-
     model = Owl.from_pretrained(ckpt, torch.float32, device)
     results, answers = [], []
     for r in tqdm(heldout_rows(heldout, limit), desc="held-out", dynamic_ncols=True):
@@ -167,7 +168,7 @@ def evaluate(ckpt: Path, heldout: Path, limit: int, device: str) -> dict:
 
 def heldout_rows(heldout: Path, limit: int) -> list:
     """The first limit // kinds questions of each kind in a held-out JSONL file."""
-    rows = [json.loads(line) for line in heldout.read_text().splitlines() if line.strip()]
+    rows = read_jsonl(heldout)
     kinds = sorted({r["kind"] for r in rows})
     per_kind = max(1, limit // len(kinds))
     return [r for k in kinds for r in [r for r in rows if r["kind"] == k][:per_kind]]
