@@ -25,17 +25,17 @@ from owl import Owl, OwlConfig, load_image, render_prompt
 from vit import ImageTransform, VisionTransformer
 
 
+def read_jsonl(path: Path) -> list:
+    """The rows of a JSONL file this project wrote itself (data.py's own files: no malformed lines to count)."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
 # Stage 0, second part (after train.py's f_L): the tiny f_V learns to see before stage 1, as the real f_V comes
 # from CLIP's ViT-L/14.
 # Captions through a frozen f_L are a weak teacher of shape (README: "The tiny Owl"), and labels are what a
 # synthetic world has for free: every patch is known to show a shape or the background. Each shape's kind, colour and
 # position are read by a linear head from the max over the patches it covers (a read-out that lets a from-scratch ViT
 # learn shape where an average over patches does not), and the count from CLS; the heads are dropped afterwards.
-
-def read_jsonl(path: Path) -> list:
-    """The rows of a JSONL file this project wrote itself (data.py's own files: no malformed lines to count)."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
 
 MIN_COVER = 0.15  # a patch belongs to a shape when the shape covers at least this share of its pixels
 
