@@ -2,8 +2,9 @@
 
 The real recipe starts f_V from CLIP's ViT-L/14; the tiny run has no such thing to start from, so after stage 0's f_L
 (train.py) it teaches its from-scratch f_V to see shapes on labelled scenes (pretrain_vision). And since the synthetic
-world knows every answer, train.py scores each tiny stage on held-out questions: stage 0's f_L on scenes described in
-words (evaluate_reading), stage 2's Owl on held-out images (evaluate, also `python train.py --stage eval`).
+world knows every answer, train.py scores each tiny stage on held-out questions: stage 0's f_L on scenes given as
+shape vectors (shape_embeddings, evaluate_reading), stage 2's Owl on held-out images (evaluate, also
+`python train.py --stage eval`).
 """
 import json
 import math
@@ -179,17 +180,41 @@ def print_accuracy(label: str, table: dict) -> None:
           file=sys.stderr)
 
 
+def shape_embeddings(model: Llama, ids: torch.Tensor, shapes) -> torch.Tensor:
+    """Stage 0's input vectors (B, T, hidden): each token's embedding, and at each data.SHAPE_ID slot the sum of the
+    embeddings of that shape's words (shapes: (N, W) word ids, -1 padded, one row per slot in row-major order), one
+    vector for one shape, as a visual token would bring it. The gradient reaches the word embeddings through both."""
+    embed = model.model.embed_tokens
+    x = embed(ids.clamp(min=0))
+    if shapes is None:
+        return x
+    vectors = (embed(shapes.clamp(min=0)) * (shapes >= 0)[..., None]).sum(1)  # (N, hidden)
+    return x.masked_scatter((ids == data.SHAPE_ID)[..., None], vectors.to(x.dtype))
+
+
+def shape_tensor(rows: list, device) -> torch.Tensor:
+    """The word ids of shapes, a list per shape, as one (N, W) tensor padded with -1; None for no shape."""
+    if not rows:
+        return None
+    out = torch.full((len(rows), max(map(len, rows))), -1, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(r)
+    return out.to(device)
+
+
 @torch.inference_mode()
 def evaluate_reading(model: Llama, tokenizer: Tokenizer, out: Path, heldout: Path, limit: int) -> dict:
-    """Stage 0's f_L answers the held-out questions about scenes described in words, as the reading chats put them:
-    the most the visual tokens can give it later, since it must read them as it reads these words. Half as many
-    questions as --eval-samples, balanced over kinds, which is plenty for a text-only model."""
+    """Stage 0's f_L answers the held-out questions about scenes given as shape vectors, as the reading chats give
+    them: the most the visual tokens can give it later, since it must read them as it reads these vectors. Half as
+    many questions as --eval-samples, balanced over kinds, which is plenty for a text-only model."""
     model.eval()
+    device = model.lm_head.weight.device
     results = []
     for r in tqdm(heldout_rows(heldout, limit // 2), desc="held-out reading", dynamic_ncols=True):
-        ids = [tokenizer.bos_id] + tokenizer.encode(data.reading_chat(r["scene"], [(r["question"], "")]))
-        answer = tokenizer.decode(list(model.generate(torch.tensor([ids], device=model.lm_head.weight.device),
-                                                      max_new_tokens=48, eos_id=tokenizer.eos_id)))
+        ids, shapes = data.tokenize_with_shapes(tokenizer, data.reading_chat(r["scene"], [(r["question"], "")]), 0)
+        ids = torch.tensor([[tokenizer.bos_id] + ids], device=device)
+        x = shape_embeddings(model, ids, shape_tensor(shapes, device))
+        answer = tokenizer.decode(list(model.generate(inputs_embeds=x, max_new_tokens=48, eos_id=tokenizer.eos_id)))
         results.append((r["kind"], data.score_answer(r["kind"], answer, r["target"])))
     table = data.accuracy_table(results)
     (out / "accuracy_reading.json").write_text(json.dumps(table, indent=2))

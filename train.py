@@ -1,9 +1,9 @@
 """Train Owl in the paper's two stages, on one CPU or many GPUs (DDP under torchrun).
 
-    stage 0  (tiny run only) pre-train the tiny f_L on a text corpus and on chats about scenes described in words,
-             so that it can answer from its context, as LLaMA-7B can; then the tiny f_V on labelled scenes
-             (--vision-steps; tiny.py), so that it sees shapes, as CLIP's ViT-L/14 does. The real recipe starts
-             from LLaMA-7B (--llm-init) and CLIP (--vit-init) instead.
+    stage 0  (tiny run only) pre-train the tiny f_L on a text corpus and on chats about scenes given as one vector a
+             shape (a short look-up drill first, --drill-steps), so that it can answer from its context, as LLaMA-7B
+             can; then the tiny f_V on labelled scenes (--vision-steps; tiny.py), so that it sees shapes, as CLIP's
+             ViT-L/14 does. The real recipe starts from LLaMA-7B (--llm-init) and CLIP (--vit-init) instead.
     stage 1  pre-training: f_V and f_K (queries, visual_fc, vit_eos included) learn to caption; f_L frozen.
     stage 2  joint instruction tuning: f_V frozen; LoRA on f_L (q_proj, v_proj) and f_K trained on text-only and
              multimodal instructions mixed (--freeze-abstractor freezes f_K, as the released code does).
@@ -68,6 +68,7 @@ class TrainConfig:
     lora_targets: str = "q_proj,v_proj"  # comma-separated f_L Linear names that get LoRA
     freeze_abstractor: bool = False  # stage 2: keep f_K frozen, as the released code does (the paper trains it)
     max_pixels: int = MAX_PIXELS  # an image with more pixels is skipped (and counted), refused from its header
+    drill_steps: int = 300  # stage 0 of the tiny run: its first N steps train the f_L on data_dir/drill.jsonl alone (one position question about a 2-4 shape scene), where finding a shape by its name forms; 0 = none
     vision_steps: int = 800  # stage 0 of the tiny run, after f_L: steps pre-training the tiny f_V on the labelled scenes of data_dir/scenes.jsonl (where the real recipe starts from CLIP); 0 = none
     vision_lr: float = 2e-3  # peak learning rate of that pre-training
     caption_prompt: str = "Describe the image."  # stage 1: each caption is learnt as the answer to this question about its image ("Human: <image>\nHuman: Q\nAI: caption", the chat layout stage 2 uses); "" puts the caption right after the image
@@ -93,8 +94,11 @@ class TrainConfig:
 # (--vision-steps 800) adds an estimated 3-4 minutes there; it took shape from about 60% to 80% (README). With both
 # pre-trained, stage 1 reaches in 300 steps the loss it used to end at; 500 steps instead of 800 (about 3 minutes less)
 # cost 1.7 points held-out (89.7% -> 88.0%); the demo then took 38 min on a machine about 2x slower than the one of
-# the 17-minute demo (about 18 min there by stage 0's ratio: an estimate, not run there).
-STAGE_DEFAULTS = {0: dict(steps=600, batch_size=64, lr=1e-3), 1: dict(steps=500, batch_size=64, lr=1e-3),
+# the 17-minute demo (about 18 min there by stage 0's ratio: an estimate, not run there). Stage 0's f_L: 300 steps of
+# the look-up drill, then 700 of the mix (README, "Where it stands"): after 200 drill steps the look-up had formed on
+# one seed of two (reading check position 75% / 86%, describe 45% / 73%), after 300 position 100% and describe 84% on
+# the seed that fell short; the drill's chats are short, so its steps are cheap.
+STAGE_DEFAULTS = {0: dict(steps=1000, batch_size=64, lr=1e-3), 1: dict(steps=500, batch_size=64, lr=1e-3),
                   2: dict(steps=300, batch_size=64, lr=1e-3)}
 
 
@@ -228,7 +232,7 @@ def find_tokenizer(cfg: TrainConfig, stage: int) -> Path:
 
 def load_samples(cfg: TrainConfig, stage: int, tokenizer: Tokenizer, tokens_per_image: int):
     d = Path(cfg.data_dir)
-    sources = list(cfg.data) or {0: [f"{d / 'corpus.txt'}", f"{d / 'reading.jsonl'}:3"],
+    sources = list(cfg.data) or {0: [f"{d / 'corpus.txt'}", f"{d / 'reading.jsonl'}:3", f"{d / 'drill.jsonl'}:2"],
                                  1: [f"{d / 'stage1.jsonl'}", f"{d / 'stage1_single.jsonl'}"],
                                  2: [f"{d / 'stage2_owl.jsonl'}", f"{d / 'stage2_llava.json'}",
                                      f"{d / 'stage2_alpaca.json'}:0.3"]}[stage]
@@ -282,6 +286,14 @@ def sample_order(sources, n: int, seed: int):
     return order
 
 
+def stage_order(cfg: TrainConfig, stage: int, sources):
+    """A stage's samples, step by step. Stage 0 of the tiny run (its default data) starts with --drill-steps
+    batches of the look-up drill alone (drill.jsonl, its last source), then mixes every source."""
+    drill = min(cfg.drill_steps, cfg.steps) if stage == 0 and not cfg.data else 0
+    return (sample_order(sources[-1:], drill * cfg.batch_size, cfg.seed + stage + 1)
+            + sample_order(sources, (cfg.steps - drill) * cfg.batch_size, cfg.seed + stage))
+
+
 class ImageCache:
     """Preprocessed pixels by path; kept in memory unless augmenting, since the tiny run reads each image often."""
 
@@ -297,8 +309,9 @@ class ImageCache:
 
 
 def collate(samples, images: ImageCache, rng, device):
-    """Pad a micro-batch (right, label -100). A sample whose image cannot be read (missing, truncated, not an image,
-    over owl.MAX_PIXELS) is skipped and counted."""
+    """Pad a micro-batch (right, label -100): ids, labels, pixels (or None) and the word ids of stage 0's shape
+    vectors (or None; see tiny.shape_embeddings). A sample whose image cannot be read (missing, truncated, not an
+    image, over owl.MAX_PIXELS) is skipped and counted."""
     kept, pixels = [], []
     for s in samples:
         try:
@@ -317,13 +330,17 @@ def collate(samples, images: ImageCache, rng, device):
     for i, s in enumerate(kept):
         ids[i, : len(s.ids)] = torch.tensor(s.ids)
         labels[i, : len(s.labels)] = torch.tensor(s.labels)
-    return ids.to(device), labels.to(device), torch.stack(pixels).to(device) if pixels else None
+    shapes = tiny.shape_tensor([w for s in kept for w in s.shapes], device)
+    return ids.to(device), labels.to(device), torch.stack(pixels).to(device) if pixels else None, shapes
 
 
-def summed_loss(model, ids, labels, pixels):
+def summed_loss(model, ids, labels, pixels, shapes=None):
     """Sum of the next-token cross-entropy over the answer tokens (labels != -100)."""
     inner = model.module if hasattr(model, "module") else model  # DDP wraps the model
-    logits = model(ids) if isinstance(inner, Llama) else model(ids, pixels)
+    if isinstance(inner, Llama):
+        logits = model(inputs_embeds=tiny.shape_embeddings(inner, ids, shapes))
+    else:
+        logits = model(ids, pixels)
     return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum")
 
 
@@ -458,7 +475,7 @@ def train_stage(cfg: TrainConfig, stage: int, rank: int, world: int, device: str
     is_llm = isinstance(model, Llama)
     tpi = 0 if is_llm else model.cfg.tokens_per_image
     sources = load_samples(cfg, stage, tokenizer, tpi)
-    order = sample_order(sources, cfg.steps * cfg.batch_size, cfg.seed + stage)
+    order = stage_order(cfg, stage, sources)
     transform = None if is_llm else model.image_transform
     images = ImageCache(transform, cfg.augment and stage == 1, cfg.max_pixels)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -533,12 +550,12 @@ def train_stage(cfg: TrainConfig, stage: int, rank: int, world: int, device: str
                 batch_tensors = collate(mine[i: i + micro], images, rng, device)
                 if batch_tensors is None:  # every sample of this micro-batch unreadable
                     continue
-                ids, labels, pixels = batch_tensors
+                ids, labels, pixels, shapes = batch_tensors
                 sync = nullcontext() if last or world == 1 else ddp_model.no_sync()
                 with sync, autocast:
                     # the sum over this micro-batch / the target count of the whole global batch, times the ranks
                     # DDP averages over: the same gradient as one process on the whole batch
-                    loss = summed_loss(ddp_model, ids, labels, pixels) * world / max(1, n_targets)
+                    loss = summed_loss(ddp_model, ids, labels, pixels, shapes) * world / max(1, n_targets)
                     loss.backward()
                 total += loss.item() / world
                 tokens += ids.numel()
@@ -644,9 +661,9 @@ def validation_loss(model, cfg, stage, tokenizer, tpi, images, device, autocast)
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(samples), 32):
-        ids, labels, pixels = collate(samples[i: i + 32], images, random.Random(0), device)
+        ids, labels, pixels, shapes = collate(samples[i: i + 32], images, random.Random(0), device)
         with autocast:
-            total += summed_loss(model, ids, labels, pixels).item()
+            total += summed_loss(model, ids, labels, pixels, shapes).item()
         count += int((labels[:, 1:] != -100).sum())
     model.train(was_training)
     return total / max(1, count)

@@ -3,6 +3,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import sys
 import warnings
 
@@ -14,7 +15,7 @@ import data  # noqa: E402
 from llama import Tokenizer  # noqa: E402
 
 SMALL = ["--n-train", "40", "--n-owl", "40", "--n-llava", "20", "--n-alpaca", "30", "--n-heldout", "25",
-         "--n-reading", "30"]
+         "--n-reading", "30", "--n-drill", "40"]
 
 
 def _synth(root, seed):
@@ -28,7 +29,7 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("synth")
     a, again = _synth(root, 0), _synth(root / "again", 0)
     more_train = str(root / "more_train")
-    data.synth(more_train, seed=0, n_train=45, n_owl=5, n_llava=5, n_alpaca=5, n_heldout=25, n_reading=5)
+    data.synth(more_train, seed=0, n_train=45, n_owl=5, n_llava=5, n_alpaca=5, n_heldout=25, n_reading=5, n_drill=5)
     return {"a": a, "again": again, "other": _synth(root, 1), "more_train": more_train}
 
 
@@ -62,7 +63,7 @@ def test_help_explains_every_flag(capsys):
         data.main(["synth", "--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
-    for flag in ("--out", "--seed", "--n-train", "--n-owl", "--n-llava", "--n-alpaca", "--n-heldout", "--n-reading"):
+    for flag in ("--out", "--seed", "--n-train", "--n-owl", "--n-llava", "--n-alpaca", "--n-heldout", "--n-reading", "--n-drill"):
         assert flag in text
 
 
@@ -175,14 +176,24 @@ def test_generated_files_load_completely(runs):
     assert any(len(c.images) == 2 for c in owl) and any(len(c.turns) > 1 for c in owl + llava)
 
 
+def _marked_shapes(text):
+    """The (colour, kind, place) of each shape mark of a chat's first line, and that line's text without them."""
+    shapes = [tuple(m.split()) for m in data.SHAPE_MARK.findall(text)]
+    return shapes, data.SHAPE_MARK.sub("", text)
+
+
 def test_reading_chats_answer_from_the_scene_in_their_first_line(runs):
-    """Stage 0's chats put a scene in words where stage 2 puts an image; their answers follow from those words."""
+    """Stage 0's chats put a scene, a shape mark a shape, where stage 2 puts an image; their answers follow from
+    those shapes (the count from how many there are)."""
     docs = [r["text"] for r in _jsonl(os.path.join(runs["a"], "reading.jsonl"))]
     assert len(docs) == 30 and any(d.startswith(data.SYSTEM) for d in docs) and any(d.startswith("Human: ") for d in docs)
     for doc in docs:
         body = doc[len(data.SYSTEM) + 1:] if doc.startswith(data.SYSTEM) else doc
         described, *turns = body.split("\nHuman: ")
-        facts = set(data._words(described))
+        shapes, rest = _marked_shapes(described)
+        assert rest == "Human: " and 1 <= len(shapes) <= 4 and len({p for _, _, p in shapes}) == len(shapes)
+        assert [p for _, _, p in shapes] == sorted((p for _, _, p in shapes), key=data.READING_ORDER.index)
+        facts = {w for shape in shapes for w in shape} | {str(len(shapes))}
         for turn in turns:
             question, answer = turn.split("\nAI: ")
             # every colour, shape, number and position the answer names is in the description
@@ -191,8 +202,37 @@ def test_reading_chats_answer_from_the_scene_in_their_first_line(runs):
             assert named and named <= facts, (described, question, answer)
 
 
-def test_heldout_reading_asks_the_heldout_questions_about_the_scene_in_words(runs):
-    """Stage 0's reading check: each held-out question again, its image replaced by a true description of it."""
+def test_drill_chats_ask_where_one_shape_of_several_is(runs):
+    """Stage 0's look-up drill: 2-4 shapes, one question naming one of them by colour and kind, its place answered."""
+    docs = [r["text"] for r in _jsonl(os.path.join(runs["a"], "drill.jsonl"))]
+    assert len(docs) == 40
+    for doc in docs:
+        described, question, answer = re.fullmatch(r"(.*)\nHuman: (.*)\nAI: (.*)", doc).groups()
+        shapes, rest = _marked_shapes(described)
+        assert rest == "Human: " and 2 <= len(shapes) <= 4
+        asked = set(data._words(question))
+        named = [s for s in shapes if {s[0], s[1]} <= asked]  # (colour, kind) pairs are unique in a scene
+        assert len(named) == 1, doc
+        assert data.score_answer("position", answer, dict(zip(("color", "shape", "position"), named[0]))), doc
+
+
+def test_half_the_drill_questions_name_a_shape_whose_colour_another_shares():
+    """Half the drill chats are drawn so that the colour alone does not find the shape asked (at random, a third)."""
+    def shared(doc):
+        described, question = re.fullmatch(r"(.*)\nHuman: (.*)\nAI: .*", doc).groups()
+        shapes, _ = _marked_shapes(described)
+        asked = set(data._words(question))
+        colour = next(s[0] for s in shapes if {s[0], s[1]} <= asked)
+        return sum(s[0] == colour for s in shapes) > 1
+
+    rng = random.Random(7)
+    drawn = sum(shared(data.drill_chat(rng)) for _ in range(600)) / 600
+    at_random = sum(shared(data.drill_chat(rng, shared_colour=0)) for _ in range(600)) / 600
+    assert 0.2 < at_random < 0.45 and 0.55 < drawn < 0.8, (at_random, drawn)
+
+
+def test_heldout_reading_asks_the_heldout_questions_about_the_scene_as_shape_marks(runs):
+    """Stage 0's reading check: each held-out question again, its image replaced by its shapes' marks."""
     heldout = _jsonl(os.path.join(runs["a"], "heldout.jsonl"))
     reading = _jsonl(os.path.join(runs["a"], "heldout_reading.jsonl"))
     assert [(r["question"], r["kind"], r["target"]) for r in reading] == \
@@ -200,8 +240,8 @@ def test_heldout_reading_asks_the_heldout_questions_about_the_scene_in_words(run
     scenes = {r["image"]: r for r in _jsonl(os.path.join(runs["a"], "scenes.jsonl"))}
     for r, h in zip(reading, heldout):
         shapes = scenes[h["image"][0]]["shapes"]
-        whole = {"count": len(shapes), "shapes": [{k: s[k] for k in ("color", "shape", "position")} for s in shapes]}
-        assert data.score_answer("describe", r["scene"], whole), r["scene"]
+        marked, rest = _marked_shapes(r["scene"])
+        assert rest == "" and sorted(marked) == sorted((s["color"], s["shape"], s["position"]) for s in shapes)
 
 
 def test_a_stage0_chat_is_learnt_on_its_answers_tokenised_as_stage2_does(runs):

@@ -27,7 +27,7 @@ from llama import Tokenizer  # noqa: E402
 from owl import IMAGE_ID, Owl, render_prompt, tokenize  # noqa: E402
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-SMALL = ["--batch-size", "8", "--seq-len", "160", "--eval-samples", "10"]
+SMALL = ["--batch-size", "8", "--seq-len", "160", "--eval-samples", "10", "--drill-steps", "5"]
 
 
 def run(*args, check=True, **kw):
@@ -41,7 +41,8 @@ def run(*args, check=True, **kw):
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):
     d = tmp_path_factory.mktemp("synth")
-    data.synth(str(d), seed=3, n_train=120, n_owl=60, n_llava=30, n_alpaca=30, n_heldout=10, n_reading=60)
+    data.synth(str(d), seed=3, n_train=120, n_owl=60, n_llava=30, n_alpaca=30, n_heldout=10, n_reading=60,
+               n_drill=60)
     return d
 
 
@@ -122,13 +123,57 @@ def test_a_few_steps_lower_the_loss(stage0):
     assert len(losses) == 20 and sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3
 
 
-def test_stage0_answers_the_heldout_questions_about_scenes_in_words(synth, stage0):
-    """After stage 0 the f_L is asked the held-out questions with each scene described in words (half as many as
-    --eval-samples), and its accuracy by kind is kept beside the checkpoint."""
+def test_stage0_answers_the_heldout_questions_about_scenes_as_shape_vectors(synth, stage0):
+    """After stage 0 the f_L is asked the held-out questions with each scene given as shape vectors (half as many
+    as --eval-samples), and its accuracy by kind is kept beside the checkpoint."""
     table = json.loads((stage0 / "stage0" / "accuracy_reading.json").read_text())
     asked = [json.loads(l)["kind"] for l in (synth / "heldout_reading.jsonl").read_text().splitlines()][:5]
     assert {k: n for k, (_, n) in table.items() if k != "all"} == {k: asked.count(k) for k in set(asked)}
     assert table["all"][1] == 5 and all(0 <= c <= n for c, n in table.values())
+
+
+def test_a_shape_mark_becomes_one_input_vector_the_sum_of_its_word_embeddings(tok):
+    """Stage 0's chats give each shape as one vector: the mark's slot holds the sum of the embeddings of its words
+    (counted here from the embedding table itself), the rest of the chat is embedded as usual, and the gradient
+    reaches each word's embedding row. Stage 2 reads the same text as plain text."""
+    chat = "Human: <shape red circle top><shape blue square left>\nHuman: Where is the red circle?\nAI: It is at the top."
+    sample = data.build_sample(tok, data.document_segments(chat), [], 0, 256, with_shapes=True)
+    prompt = (tok.encode("Human: ") + [data.SHAPE_ID, data.SHAPE_ID]
+              + tok.encode("\nHuman: Where is the red circle?\nAI: "))
+    answer = tok.encode("It is at the top.") + [tok.eos_id]
+    assert sample.ids == [tok.bos_id] + prompt + answer
+    assert sample.labels == [-100] * (1 + len(prompt)) + answer
+    assert sample.shapes == [tok.encode("red circle top"), tok.encode("blue square left")]
+    plain = data.build_sample(tok, data.document_segments(chat), [], 0, 256)
+    assert data.SHAPE_ID not in plain.ids and plain.shapes == []
+
+    model = train.Llama(train.OwlConfig.preset("tiny").text)
+    model.init_weights()
+    ids, labels, _, shapes = train.collate([sample, sample], None, None, "cpu")
+    x = tiny.shape_embeddings(model, ids, shapes)
+    table = model.model.embed_tokens.weight
+    slots = [i for i, t in enumerate(sample.ids) if t == data.SHAPE_ID]
+    for row in range(2):
+        for slot, words in zip(slots, sample.shapes):
+            torch.testing.assert_close(x[row, slot], table[words].sum(0))
+        rest = [i for i in range(len(sample.ids)) if i not in slots]
+        torch.testing.assert_close(x[row, rest], table[torch.tensor(sample.ids)[rest]])
+    x.sum().backward()
+    grad_rows = table.grad.abs().sum(1) > 0
+    assert all(grad_rows[w] for words in sample.shapes for w in words)
+
+
+def test_stage0_drills_the_look_up_first_then_trains_on_the_whole_mix(synth, tok):
+    """--drill-steps N: the first N global batches of stage 0 are drill chats alone, the rest mix every source."""
+    cfg = train.TrainConfig(data_dir=str(synth), steps=6, batch_size=8, drill_steps=4)
+    sources = train.load_samples(cfg, 0, tok, 0)
+    drill = {id(s) for s in sources[-1][0]}
+    order = train.stage_order(cfg, 0, sources)
+    assert len(order) == 48 and all(id(s) in drill for s in order[:32])
+    assert any(id(s) not in drill for s in order[32:]) and any(id(s) in drill for s in order[32:])
+    assert all(s.shapes and s.ids.count(data.SHAPE_ID) == len(s.shapes) for s in order[:32])
+    mixed = train.stage_order(train.TrainConfig(data_dir=str(synth), steps=6, batch_size=8, drill_steps=0), 0, sources)
+    assert any(id(s) not in drill for s in mixed[:32])
 
 
 def test_each_stage_changes_exactly_what_it_trains(synth, stage1):
@@ -258,6 +303,27 @@ def test_two_ddp_ranks_match_one_rank(synth, stage1, tmp_path):
     assert any(not torch.equal(a[k], load_file(stage0 / "stage1" / "model.safetensors")[k]) for k in a)
 
 
+def test_two_ddp_ranks_match_one_rank_in_stage0(synth, tmp_path):
+    """Stage 0 embeds its shape vectors outside DDP's forward (tiny.shape_embeddings): the embedding's gradient must
+    still be all-reduced, drill and mix steps alike."""
+    common = ["--stage", "0", "--data-dir", str(synth), "--steps", "2", "--drill-steps", "1", "--vision-steps", "0",
+              "--batch-size", "8", "--seq-len", "160", "--eval-samples", "2"]
+    run(*common, "--out-dir", str(tmp_path / "one"))
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29534",
+                        str(ROOT / "train.py"), *common, "--out-dir", str(tmp_path / "two")],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    a = load_file(tmp_path / "one" / "stage0" / "model.safetensors")
+    b = load_file(tmp_path / "two" / "stage0" / "model.safetensors")
+    assert a.keys() == b.keys()
+    moments = [torch.load(tmp_path / run / "stage0" / "train_state.pt", weights_only=True)["optimizer"]["state"]
+               for run in ("one", "two")]
+    for i, m in moments[0].items():  # as in the stage-2 check above: first moments agree to rounding
+        gap = (m["exp_avg"] - moments[1][i]["exp_avg"]).abs().max() / m["exp_avg"].abs().max()
+        assert gap < 1e-3, (i, gap.item())
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+
+
 def test_resume_reproduces_the_uninterrupted_run(synth, stage1, tmp_path):
     stage0 = stage1  # the folder holding stage0/ and stage1/
     common = ["--stage", "2", "--data-dir", str(synth), "--init", str(stage0 / "stage1"), "--steps", "12", *SMALL]
@@ -337,7 +403,7 @@ def test_missing_and_corrupt_images_skip_their_samples(tmp_path, synth, tok):
     assert any("skipped 1 samples whose image file is missing" in t for t in text), text
     cache = train.ImageCache(ImageTransform(32), augment=False)
     start = time.perf_counter()
-    ids, labels, pixels = train.collate(samples, cache, _random.Random(0), "cpu")
+    ids, labels, pixels, _ = train.collate(samples, cache, _random.Random(0), "cpu")
     assert ids.shape[0] == 2 and pixels.shape == (2, 3, 32, 32) and cache.failed == 2
     assert time.perf_counter() - start < 1.0  # the 400-megapixel image was not decoded
 
@@ -349,10 +415,10 @@ def patch_loss(monkeypatch, bad: dict) -> list:
     "nan grad"}); returns the list that receives, at each training forward pass, a copy of the parameters it saw."""
     real, seen = train.summed_loss, []
 
-    def summed_loss(model, ids, labels, pixels):
+    def summed_loss(model, ids, labels, pixels, shapes=None):
         if model.training:  # the validation loss runs in eval mode
             seen.append({n: p.detach().clone() for n, p in model.named_parameters()})
-        loss = real(model, ids, labels, pixels)
+        loss = real(model, ids, labels, pixels, shapes)
         kind = bad.get(len(seen)) if model.training else None
         if kind == "nan loss":
             return loss * float("nan")
@@ -521,7 +587,7 @@ def test_max_pixels_skips_and_counts_training_images_over_the_limit(tmp_path, ca
     Image.new("RGB", (20, 20), (30, 30, 200)).save(tmp_path / "small.png")  # 400
     samples = [data.Sample([1, 5, 6], [-100, 6, 2], [str(tmp_path / name)]) for name in ("big.png", "small.png")]
     images = train.ImageCache(ImageTransform(32), False, max_pixels=1119)
-    ids, labels, pixels = train.collate(samples, images, random.Random(0), "cpu")
+    ids, labels, pixels, _ = train.collate(samples, images, random.Random(0), "cpu")
     assert images.failed == 1 and ids.shape[0] == 1 and pixels.shape == (1, 3, 32, 32)
     assert "40x28 pixels, more than the limit of 1119 (--max-pixels)" in capsys.readouterr().err
     images = train.ImageCache(ImageTransform(32), False, max_pixels=1120)
