@@ -216,21 +216,6 @@ def test_drill_chats_ask_where_one_shape_of_several_is(runs):
         assert data.score_answer("position", answer, dict(zip(("color", "shape", "position"), named[0]))), doc
 
 
-def test_half_the_drill_questions_name_a_shape_whose_colour_another_shares():
-    """Half the drill chats are drawn so that the colour alone does not find the shape asked (at random, a third)."""
-    def shared(doc):
-        described, question = re.fullmatch(r"(.*)\nHuman: (.*)\nAI: .*", doc).groups()
-        shapes, _ = _marked_shapes(described)
-        asked = set(data._words(question))
-        colour = next(s[0] for s in shapes if {s[0], s[1]} <= asked)
-        return sum(s[0] == colour for s in shapes) > 1
-
-    rng = random.Random(7)
-    drawn = sum(shared(data.drill_chat(rng)) for _ in range(600)) / 600
-    at_random = sum(shared(data.drill_chat(rng, shared_colour=0)) for _ in range(600)) / 600
-    assert 0.2 < at_random < 0.45 and 0.55 < drawn < 0.8, (at_random, drawn)
-
-
 def test_heldout_reading_asks_the_heldout_questions_about_the_scene_as_shape_marks(runs):
     """Stage 0's reading check: each held-out question again, its image replaced by its shapes' marks."""
     heldout = _jsonl(os.path.join(runs["a"], "heldout.jsonl"))
