@@ -274,29 +274,34 @@ def test_stage1_starts_from_the_stage0_vision_encoder(synth, stage0, tmp_path):
     assert pre and all(torch.allclose(owl["vision_model." + k], v) for k, v in pre.items())
 
 
+def _one_rank_and_two(args, stage, port, tmp_path):
+    """The same run on one rank and on two DDP ranks (Gloo): both final weights, after checking that both runs
+    averaged the same gradients. They sum the same samples' gradients in another order (two ranks, then all-reduce,
+    vs one rank), so the gradients (AdamW's first moments) agree to float rounding; a missed micro-batch or a sum
+    instead of a mean is off by 10-100%."""
+    run(*args, "--out-dir", str(tmp_path / "one"))
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+                        str(ROOT / "train.py"), *args, "--out-dir", str(tmp_path / "two")],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    moments = [torch.load(tmp_path / r / f"stage{stage}" / "train_state.pt", weights_only=True)["optimizer"]["state"]
+               for r in ("one", "two")]
+    for i, m in moments[0].items():
+        gap = (m["exp_avg"] - moments[1][i]["exp_avg"]).abs().max() / m["exp_avg"].abs().max()
+        assert gap < 1e-3, (i, gap.item())
+    a, b = (load_file(tmp_path / r / f"stage{stage}" / "model.safetensors") for r in ("one", "two"))
+    assert a.keys() == b.keys()
+    return a, b
+
+
 def test_two_ddp_ranks_match_one_rank(synth, stage1, tmp_path):
     stage0 = stage1  # the folder holding stage0/ and stage1/
     # no dropout anywhere, so both runs draw no random numbers and must agree to rounding
-    common = ["--stage", "2", "--data-dir", str(synth), "--steps", "2", "--lora-dropout", "0", "--freeze-abstractor",
-              *SMALL]
-    init = ["--init", str(stage0 / "stage1")]
-    run(*common, *init, "--out-dir", str(tmp_path / "one"))
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
-                        str(ROOT / "train.py"), *common, *init, "--out-dir", str(tmp_path / "two")],
-                       cwd=ROOT, env=ENV, capture_output=True, text=True)
-    assert p.returncode == 0, p.stderr[-3000:]
-    a = load_file(tmp_path / "one" / "stage2" / "model.safetensors")
-    b = load_file(tmp_path / "two" / "stage2" / "model.safetensors")
-    assert a.keys() == b.keys()
-    # Both runs average the same 8 samples' gradients, summed in another order (two ranks, then all-reduce, vs one
-    # rank), so the gradients (AdamW's first moments) agree to float rounding. AdamW then divides each gradient by its
-    # running RMS: where a gradient is within rounding of zero that ratio can differ, so a handful of parameters may
-    # differ by more than rounding (measured: 58 of 3.2M elements over 1e-6, the largest 1.5e-6).
-    moments = [torch.load(tmp_path / run / "stage2" / "train_state.pt", weights_only=True)["optimizer"]["state"]
-               for run in ("one", "two")]
-    for i, m in moments[0].items():
-        gap = (m["exp_avg"] - moments[1][i]["exp_avg"]).abs().max() / m["exp_avg"].abs().max()
-        assert gap < 1e-3, (i, gap.item())  # a missed micro-batch or a sum instead of a mean is off by 10-100%
+    a, b = _one_rank_and_two(["--stage", "2", "--data-dir", str(synth), "--steps", "2", "--lora-dropout", "0",
+                              "--freeze-abstractor", "--init", str(stage0 / "stage1"), *SMALL], 2, 29533, tmp_path)
+    # AdamW divides each gradient by its running RMS: where a gradient is within rounding of zero that ratio can
+    # differ, so a handful of parameters may differ by more than rounding (measured: 58 of 3.2M elements over 1e-6,
+    # the largest 1.5e-6).
     off = sum(int(((a[k] - b[k]).abs() > 1e-6).sum()) for k in a)
     assert off <= 1e-4 * sum(t.numel() for t in a.values()), off
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
@@ -306,21 +311,9 @@ def test_two_ddp_ranks_match_one_rank(synth, stage1, tmp_path):
 def test_two_ddp_ranks_match_one_rank_in_stage0(synth, tmp_path):
     """Stage 0 embeds its shape vectors outside DDP's forward (tiny.shape_embeddings): the embedding's gradient must
     still be all-reduced, drill and mix steps alike."""
-    common = ["--stage", "0", "--data-dir", str(synth), "--steps", "2", "--drill-steps", "1", "--vision-steps", "0",
-              "--batch-size", "8", "--seq-len", "160", "--eval-samples", "2"]
-    run(*common, "--out-dir", str(tmp_path / "one"))
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29534",
-                        str(ROOT / "train.py"), *common, "--out-dir", str(tmp_path / "two")],
-                       cwd=ROOT, env=ENV, capture_output=True, text=True)
-    assert p.returncode == 0, p.stderr[-3000:]
-    a = load_file(tmp_path / "one" / "stage0" / "model.safetensors")
-    b = load_file(tmp_path / "two" / "stage0" / "model.safetensors")
-    assert a.keys() == b.keys()
-    moments = [torch.load(tmp_path / run / "stage0" / "train_state.pt", weights_only=True)["optimizer"]["state"]
-               for run in ("one", "two")]
-    for i, m in moments[0].items():  # as in the stage-2 check above: first moments agree to rounding
-        gap = (m["exp_avg"] - moments[1][i]["exp_avg"]).abs().max() / m["exp_avg"].abs().max()
-        assert gap < 1e-3, (i, gap.item())
+    a, b = _one_rank_and_two(["--stage", "0", "--data-dir", str(synth), "--steps", "2", "--drill-steps", "1",
+                              "--vision-steps", "0", "--batch-size", "8", "--seq-len", "160", "--eval-samples", "2"],
+                             0, 29534, tmp_path)
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
 
 
