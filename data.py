@@ -27,6 +27,13 @@ from owl import IMAGE, IMAGE_ID, SYSTEM, render_turn, tokenize
 # Canonical fills, far apart in RGB and far from the light backgrounds, so the jittered fills stay unambiguous:
 # the model has to learn colour names, not exact RGB values.
 COLORS = {"red": (205, 45, 45), "green": (45, 160, 65), "blue": (45, 85, 215), "yellow": (235, 205, 45)}
+# Other code draws the same colours in other shades: the pure ones, and common named ones (CSS, plotting
+# libraries). A shape's fill is one of its colour's shades, jittered.
+SHADES = {"red": (COLORS["red"], (255, 0, 0), (220, 20, 60), (178, 34, 34)),
+          "green": (COLORS["green"], (0, 128, 0), (34, 139, 34), (50, 205, 50)),
+          "blue": (COLORS["blue"], (0, 0, 255), (31, 119, 180), (65, 105, 225)),
+          "yellow": (COLORS["yellow"], (255, 255, 0), (255, 215, 0), (250, 220, 50))}
+SMOOTH = 0.3  # share of scenes drawn with anti-aliased edges, as many drawing libraries do
 SHAPES = ("circle", "square", "triangle")
 POSITIONS = {"left": (0.2, 0.5), "right": (0.8, 0.5), "top": (0.5, 0.2), "bottom": (0.5, 0.8)}  # centre / (w, h)
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
@@ -63,11 +70,11 @@ def random_scene(rng, n_shapes=None):
                 "color": color, "shape": shape, "position": position,
                 "center": [min(max(cx, half + 1), w - half - 2), min(max(cy, half + 1), h - half - 2)],
                 "size": size,
-                "fill": [min(255, max(0, v + rng.randint(-20, 20))) for v in COLORS[color]],
+                "fill": [min(255, max(0, v + rng.randint(-15, 15))) for v in rng.choice(SHADES[color])],
                 "angle": round(rng.uniform(-15, 15), 1) if shape == "triangle" else 0.0})
         if all(_apart(a, b) for i, a in enumerate(shapes) for b in shapes[i + 1:]):
             break
-    return {"width": w, "height": h, "background": list(background), "shapes": shapes}
+    return {"width": w, "height": h, "background": list(background), "shapes": shapes, "smooth": rng.random() < SMOOTH}
 
 
 def _apart(a, b):
@@ -79,12 +86,15 @@ def _apart(a, b):
 
 def draw_scene(scene, owners=False):
     """The scene's picture; owners=True draws instead which shape owns each pixel: a one-channel image, 0 where the
-    background shows, i + 1 where shape i does (the labels of the tiny f_V's pre-training in tiny.py)."""
-    size = (scene["width"], scene["height"])
+    background shows, i + 1 where shape i does (the labels of the tiny f_V's pre-training in tiny.py). A smooth scene
+    is drawn at 4x and scaled down, which anti-aliases its edges (its owners are drawn sharp)."""
+    k = 4 if scene.get("smooth") and not owners else 1
+    size = (scene["width"] * k, scene["height"] * k)
     img = Image.new("L", size, 0) if owners else Image.new("RGB", size, tuple(scene["background"]))
     draw = ImageDraw.Draw(img)
     for i, s in enumerate(scene["shapes"]):
         (cx, cy), r, fill = s["center"], s["size"] / 2, i + 1 if owners else tuple(s["fill"])
+        cx, cy, r = (cx + 0.5) * k - 0.5, (cy + 0.5) * k - 0.5, r * k  # pixel centres stay put when scaled
         if s["shape"] == "circle":
             draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
         elif s["shape"] == "square":
@@ -92,7 +102,7 @@ def draw_scene(scene, owners=False):
         else:  # upright equilateral triangle around its centroid, slightly rotated
             angles = [math.radians(s["angle"] + a) for a in (-90, 30, 150)]
             draw.polygon([(cx + r * math.cos(a), cy + r * math.sin(a)) for a in angles], fill=fill)
-    return img
+    return img.resize((scene["width"], scene["height"]), Image.BOX) if k > 1 else img
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import re
 import sys
 import warnings
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -68,7 +69,27 @@ def test_help_explains_every_flag(capsys):
 
 
 def _nearest_color(rgb):
-    return min(data.COLORS, key=lambda c: sum((x - y) ** 2 for x, y in zip(rgb, data.COLORS[c])))
+    shades = [(c, shade) for c, all_shades in data.SHADES.items() for shade in all_shades]
+    return min(shades, key=lambda cs: sum((x - y) ** 2 for x, y in zip(rgb, cs[1])))[0]
+
+
+def test_smooth_scenes_blend_their_edges_and_keep_their_fills():
+    """A smooth scene has anti-aliased edges (colours between fill and background) and the same shapes: the same
+    fills, and the same pixels (up to its edges) as the scene drawn sharp."""
+    rng = random.Random(7)
+    scene = data.random_scene(rng, 3)
+    sharp = np.asarray(data.draw_scene({**scene, "smooth": False}), dtype=np.int64)
+    smooth = np.asarray(data.draw_scene({**scene, "smooth": True}), dtype=np.int64)
+    pure = {tuple(scene["background"])} | {tuple(s["fill"]) for s in scene["shapes"]}
+    assert {tuple(p) for p in sharp.reshape(-1, 3)} <= pure
+    assert len({tuple(p) for p in smooth.reshape(-1, 3)} - pure) > 10
+    assert (np.abs(sharp - smooth).max(-1) > 0).mean() < 0.1
+    for s in scene["shapes"]:
+        assert tuple(smooth[s["center"][1], s["center"][0]]) == tuple(s["fill"])
+    scenes = [data.random_scene(rng) for _ in range(400)]
+    assert 0.2 < sum(sc["smooth"] for sc in scenes) / len(scenes) < 0.4
+    fills = [s["fill"] for sc in scenes for s in sc["shapes"] if s["color"] == "blue"]
+    assert any(f[0] < 20 and f[2] > 235 for f in fills) and any(abs(f[0] - 45) <= 15 and abs(f[2] - 215) <= 15 for f in fills)
 
 
 def test_scenes_are_drawn_as_recorded(runs):
@@ -85,7 +106,7 @@ def test_scenes_are_drawn_as_recorded(runs):
             cx, cy = s["center"]
             pixel = img.getpixel((cx, cy))
             assert _nearest_color(pixel) == s["color"]
-            assert all(abs(p - q) <= 20 for p, q in zip(pixel, data.COLORS[s["color"]]))
+            assert any(all(abs(p - q) <= 15 for p, q in zip(pixel, shade)) for shade in data.SHADES[s["color"]])
             fx, fy = cx / w, cy / h
             assert {"left": fx < 0.3 and 0.4 < fy < 0.6, "right": fx > 0.7 and 0.4 < fy < 0.6,
                     "top": fy < 0.3 and 0.4 < fx < 0.6, "bottom": fy > 0.7 and 0.4 < fx < 0.6}[s["position"]]
