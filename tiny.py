@@ -21,6 +21,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import data
+import synthetic
 from llama import Llama, Tokenizer
 from owl import Owl, OwlConfig, load_image, render_prompt
 from vit import ImageTransform, VisionTransformer
@@ -45,7 +46,7 @@ def labelled_image(scene: dict, transform, patch: int, rng) -> tuple:
     """(pixels (3, S, S), [(patch mask (N,), (shape, colour, position) indices)] for each shape that still owns a
     patch, shapes in view) for one scene, drawn from its facts; cropped as in stage 1 when rng is given (not
     flipped, which would swap left and right)."""
-    img, owners = data.draw_scene(scene), data.draw_scene(scene, owners=True)
+    img, owners = synthetic.draw_scene(scene), synthetic.draw_scene(scene, owners=True)
     if rng is not None:
         img, owners = data.augment(img, rng, owners, flip=False)
     S = transform.image_size
@@ -60,7 +61,7 @@ def labelled_image(scene: dict, transform, patch: int, rng) -> tuple:
     return transform(img), objects, in_view
 
 
-FACTS = (data.SHAPES, tuple(data.COLORS), tuple(data.POSITIONS))  # what the heads name of each shape
+FACTS = (synthetic.SHAPES, tuple(synthetic.COLORS), tuple(synthetic.POSITIONS))  # what the heads name of each shape
 
 
 def facts(shape: dict) -> tuple:
@@ -146,7 +147,7 @@ def pretrain_vision(cfg, batch_size: int, rank: int, world: int, device: str) ->
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Held-out accuracy: answers generated greedily and scored by the words they contain (data.score_answer).
+# Held-out accuracy: answers generated greedily and scored by the words they contain (synthetic.score_answer).
 
 def evaluate(ckpt: Path, heldout: Path, limit: int, device: str) -> dict:
     """Answer held-out questions greedily with the exported checkpoint; accuracy by question kind."""
@@ -157,9 +158,9 @@ def evaluate(ckpt: Path, heldout: Path, limit: int, device: str) -> dict:
         pixels = torch.stack([load_image(p, model.image_transform) for p in paths])
         ids = model.prompt_ids(render_prompt(r["question"], len(paths)))
         answer = model.tokenizer.decode(list(model.generate(ids, pixels, max_new_tokens=48)))
-        results.append((r["kind"], data.score_answer(r["kind"], answer, r["target"])))
+        results.append((r["kind"], synthetic.score_answer(r["kind"], answer, r["target"])))
         answers.append({**r, "answer": answer, "correct": results[-1][1]})
-    table = data.accuracy_table(results)
+    table = synthetic.accuracy_table(results)
     # named after the held-out folder, so several test sets can be kept side by side
     (ckpt / f"accuracy_{heldout.parent.name}.json").write_text(json.dumps(table, indent=2))
     (ckpt / f"answers_{heldout.parent.name}.jsonl").write_text("".join(json.dumps(a) + "\n" for a in answers))
@@ -181,15 +182,15 @@ def print_accuracy(label: str, table: dict) -> None:
 
 
 def shape_embeddings(model: Llama, ids: torch.Tensor, shapes) -> torch.Tensor:
-    """Stage 0's input vectors (B, T, hidden): each token's embedding, and at each data.SHAPE_ID slot the sum of the
-    embeddings of that shape's words (shapes: (N, W) word ids, -1 padded, one row per slot in row-major order), one
+    """Stage 0's input vectors (B, T, hidden): each token's embedding, and at each synthetic.SHAPE_ID slot the sum of
+    the embeddings of that shape's words (shapes: (N, W) word ids, -1 padded, one row per slot in row-major order), one
     vector for one shape, as a visual token would bring it. The gradient reaches the word embeddings through both."""
     embed = model.model.embed_tokens
     x = embed(ids.clamp(min=0))
     if shapes is None:
         return x
     vectors = (embed(shapes.clamp(min=0)) * (shapes >= 0)[..., None]).sum(1)  # (N, hidden)
-    return x.masked_scatter((ids == data.SHAPE_ID)[..., None], vectors.to(x.dtype))
+    return x.masked_scatter((ids == synthetic.SHAPE_ID)[..., None], vectors.to(x.dtype))
 
 
 def shape_tensor(rows: list, device) -> torch.Tensor:
@@ -211,12 +212,13 @@ def evaluate_reading(model: Llama, tokenizer: Tokenizer, out: Path, heldout: Pat
     device = model.lm_head.weight.device
     results = []
     for r in tqdm(heldout_rows(heldout, limit // 2), desc="held-out reading", dynamic_ncols=True):
-        ids, shapes = data.tokenize_with_shapes(tokenizer, data.reading_chat(r["scene"], [(r["question"], "")]), 0)
+        chat = synthetic.reading_chat(r["scene"], [(r["question"], "")])
+        ids, shapes = synthetic.tokenize_with_shapes(tokenizer, chat, 0)
         ids = torch.tensor([[tokenizer.bos_id] + ids], device=device)
         x = shape_embeddings(model, ids, shape_tensor(shapes, device))
         answer = tokenizer.decode(list(model.generate(inputs_embeds=x, max_new_tokens=48, eos_id=tokenizer.eos_id)))
-        results.append((r["kind"], data.score_answer(r["kind"], answer, r["target"])))
-    table = data.accuracy_table(results)
+        results.append((r["kind"], synthetic.score_answer(r["kind"], answer, r["target"])))
+    table = synthetic.accuracy_table(results)
     (out / "accuracy_reading.json").write_text(json.dumps(table, indent=2))
     print_accuracy("held-out reading accuracy", table)
     return table

@@ -1,6 +1,6 @@
-"""Held-out questions on images drawn by other code than data.py: numpy masks instead of PIL's drawing, pure
+"""Held-out questions on images drawn by other code than synthetic.py: numpy masks instead of PIL's drawing, pure
 saturated colours, isosceles triangles, other canvas sizes and placements. It checks that the tiny Owl learned
-colours, shapes, counts and positions, not data.py's way of drawing them.
+colours, shapes, counts and positions, not synthetic.py's way of drawing them.
 
     python tests/foreign_heldout.py --out data/foreign
     python train.py --stage eval --init runs/owl-tiny/stage2 --heldout data/foreign/heldout.jsonl

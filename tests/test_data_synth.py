@@ -13,6 +13,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
+import synthetic  # noqa: E402
 from llama import Tokenizer  # noqa: E402
 
 SMALL = ["--n-train", "40", "--n-owl", "40", "--n-llava", "20", "--n-alpaca", "30", "--n-heldout", "25",
@@ -30,7 +31,7 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("synth")
     a, again = _synth(root, 0), _synth(root / "again", 0)
     more_train = str(root / "more_train")
-    data.synth(more_train, seed=0, n_train=45, n_owl=5, n_llava=5, n_alpaca=5, n_heldout=25, n_reading=5, n_drill=5)
+    synthetic.synth(more_train, seed=0, n_train=45, n_owl=5, n_llava=5, n_alpaca=5, n_heldout=25, n_reading=5, n_drill=5)
     return {"a": a, "again": again, "other": _synth(root, 1), "more_train": more_train}
 
 
@@ -69,7 +70,7 @@ def test_help_explains_every_flag(capsys):
 
 
 def _nearest_color(rgb):
-    shades = [(c, shade) for c, all_shades in data.SHADES.items() for shade in all_shades]
+    shades = [(c, shade) for c, all_shades in synthetic.SHADES.items() for shade in all_shades]
     return min(shades, key=lambda cs: sum((x - y) ** 2 for x, y in zip(rgb, cs[1])))[0]
 
 
@@ -77,16 +78,16 @@ def test_smooth_scenes_blend_their_edges_and_keep_their_fills():
     """A smooth scene has anti-aliased edges (colours between fill and background) and the same shapes: the same
     fills, and the same pixels (up to its edges) as the scene drawn sharp."""
     rng = random.Random(7)
-    scene = data.random_scene(rng, 3)
-    sharp = np.asarray(data.draw_scene({**scene, "smooth": False}), dtype=np.int64)
-    smooth = np.asarray(data.draw_scene({**scene, "smooth": True}), dtype=np.int64)
+    scene = synthetic.random_scene(rng, 3)
+    sharp = np.asarray(synthetic.draw_scene({**scene, "smooth": False}), dtype=np.int64)
+    smooth = np.asarray(synthetic.draw_scene({**scene, "smooth": True}), dtype=np.int64)
     pure = {tuple(scene["background"])} | {tuple(s["fill"]) for s in scene["shapes"]}
     assert {tuple(p) for p in sharp.reshape(-1, 3)} <= pure
     assert len({tuple(p) for p in smooth.reshape(-1, 3)} - pure) > 10
     assert (np.abs(sharp - smooth).max(-1) > 0).mean() < 0.1
     for s in scene["shapes"]:
         assert tuple(smooth[s["center"][1], s["center"][0]]) == tuple(s["fill"])
-    scenes = [data.random_scene(rng) for _ in range(400)]
+    scenes = [synthetic.random_scene(rng) for _ in range(400)]
     assert 0.2 < sum(sc["smooth"] for sc in scenes) / len(scenes) < 0.4
     fills = [s["fill"] for sc in scenes for s in sc["shapes"] if s["color"] == "blue"]
     assert any(f[0] < 20 and f[2] > 235 for f in fills) and any(abs(f[0] - 45) <= 15 and abs(f[2] - 215) <= 15 for f in fills)
@@ -106,7 +107,7 @@ def test_scenes_are_drawn_as_recorded(runs):
             cx, cy = s["center"]
             pixel = img.getpixel((cx, cy))
             assert _nearest_color(pixel) == s["color"]
-            assert any(all(abs(p - q) <= 15 for p, q in zip(pixel, shade)) for shade in data.SHADES[s["color"]])
+            assert any(all(abs(p - q) <= 15 for p, q in zip(pixel, shade)) for shade in synthetic.SHADES[s["color"]])
             fx, fy = cx / w, cy / h
             assert {"left": fx < 0.3 and 0.4 < fy < 0.6, "right": fx > 0.7 and 0.4 < fy < 0.6,
                     "top": fy < 0.3 and 0.4 < fx < 0.6, "bottom": fy > 0.7 and 0.4 < fx < 0.6}[s["position"]]
@@ -115,10 +116,10 @@ def test_scenes_are_drawn_as_recorded(runs):
 
 def test_shapes_never_overlap_and_sizes_vary():
     rng = random.Random("overlap")
-    scenes = [data.random_scene(rng) for _ in range(3000)]
+    scenes = [synthetic.random_scene(rng) for _ in range(3000)]
     for sc in scenes:
         shapes = sc["shapes"]
-        assert all(data._apart(a, b) for i, a in enumerate(shapes) for b in shapes[i + 1:])
+        assert all(synthetic._apart(a, b) for i, a in enumerate(shapes) for b in shapes[i + 1:])
     assert len({(sc["width"], sc["height"]) for sc in scenes}) > 1000
     relative = [s["size"] / min(sc["width"], sc["height"]) for sc in scenes for s in sc["shapes"]]
     assert min(relative) < 0.15 and max(relative) > 0.27
@@ -138,7 +139,7 @@ def test_heldout_is_its_own_seed_and_shares_no_image(runs):
     scenes = {r["image"]: r for r in _jsonl(os.path.join(folder, "scenes.jsonl"))}
     for r in heldout:
         shapes = scenes[r["image"][0]]["shapes"]
-        assert data.score_answer(r["kind"], r["answer"], r["target"]), r
+        assert synthetic.score_answer(r["kind"], r["answer"], r["target"]), r
         if r["kind"] in ("color", "shape"):
             assert len(shapes) == 1 and r["target"][r["kind"]] == shapes[0][r["kind"]]
         if r["kind"] == "count":
@@ -151,7 +152,7 @@ CONV = [("<image>\nWhere is the red circle?", "The red circle is at the left."),
 
 def test_three_formats_parse_to_the_same_conversation(tmp_path):
     with open(tmp_path / "c.jsonl", "w") as f:
-        f.write(json.dumps({"image": ["images/x.png"], "text": data.render_owl_text(CONV), "task_type": "llava_sft"}))
+        f.write(json.dumps({"image": ["images/x.png"], "text": synthetic.render_owl_text(CONV), "task_type": "llava_sft"}))
     messages = [{"from": who, "value": v} for q, a in CONV for who, v in (("human", q), ("gpt", a))]
     with open(tmp_path / "c.json", "w") as f:
         json.dump([{"image": "images/x.png", "conversations": messages}], f)
@@ -169,7 +170,7 @@ def test_three_formats_parse_to_the_same_conversation(tmp_path):
                    {"instruction": "Which number is bigger?", "input": "3 and 7", "output": "7 is bigger than 3."}], f)
     with open(tmp_path / "t.jsonl", "w") as f:
         for turns in ([("What is 2 plus 1?", "2 plus 1 is 3.")], [("Which number is bigger?\n3 and 7", "7 is bigger than 3.")]):
-            f.write(json.dumps({"text": data.render_owl_text(turns), "task_type": "llava_sft"}) + "\n")
+            f.write(json.dumps({"text": synthetic.render_owl_text(turns), "task_type": "llava_sft"}) + "\n")
     assert data.load_alpaca_json(tmp_path / "t.json") == data.load_owl_jsonl(tmp_path / "t.jsonl")
 
 
@@ -178,7 +179,7 @@ def test_two_images_and_the_official_text_round_trip():
             "AI: The first image has more shapes.")
     turns = data.parse_owl_text(text)
     assert turns == [("<image>\n<image>\nWhich image has more shapes?", "The first image has more shapes.")]
-    assert data.render_owl_text(turns) == text
+    assert synthetic.render_owl_text(turns) == text
 
 
 def test_generated_files_load_completely(runs):
@@ -193,14 +194,14 @@ def test_generated_files_load_completely(runs):
     assert all(os.path.isfile(p) for c in owl + llava for p in c.images)
     assert all(os.path.isabs(p) and os.path.isfile(p) for p, _ in captions)
     texts = [r["text"] for r in _jsonl(os.path.join(folder, "stage2_owl.jsonl"))]
-    assert [data.render_owl_text(c.turns) for c in owl] == texts
+    assert [synthetic.render_owl_text(c.turns) for c in owl] == texts
     assert any(len(c.images) == 2 for c in owl) and any(len(c.turns) > 1 for c in owl + llava)
 
 
 def _marked_shapes(text):
     """The (colour, kind, place) of each shape mark of a chat's first line, and that line's text without them."""
-    shapes = [tuple(m.split()) for m in data.SHAPE_MARK.findall(text)]
-    return shapes, data.SHAPE_MARK.sub("", text)
+    shapes = [tuple(m.split()) for m in synthetic.SHAPE_MARK.findall(text)]
+    return shapes, synthetic.SHAPE_MARK.sub("", text)
 
 
 def test_reading_chats_answer_from_the_scene_in_their_first_line(runs):
@@ -213,13 +214,13 @@ def test_reading_chats_answer_from_the_scene_in_their_first_line(runs):
         described, *turns = body.split("\nHuman: ")
         shapes, rest = _marked_shapes(described)
         assert rest == "Human: " and 1 <= len(shapes) <= 4 and len({p for _, _, p in shapes}) == len(shapes)
-        assert [p for _, _, p in shapes] == sorted((p for _, _, p in shapes), key=data.READING_ORDER.index)
+        assert [p for _, _, p in shapes] == sorted((p for _, _, p in shapes), key=synthetic.READING_ORDER.index)
         facts = {w for shape in shapes for w in shape} | {str(len(shapes))}
         for turn in turns:
             question, answer = turn.split("\nAI: ")
             # every colour, shape, number and position the answer names is in the description
-            named = {w for w in data._words(answer)
-                     if w in data.COLORS or w in data.SHAPES or w in data.POSITIONS or w.isdigit()}
+            named = {w for w in synthetic._words(answer)
+                     if w in synthetic.COLORS or w in synthetic.SHAPES or w in synthetic.POSITIONS or w.isdigit()}
             assert named and named <= facts, (described, question, answer)
 
 
@@ -231,10 +232,10 @@ def test_drill_chats_ask_where_one_shape_of_several_is(runs):
         described, question, answer = re.fullmatch(r"(.*)\nHuman: (.*)\nAI: (.*)", doc).groups()
         shapes, rest = _marked_shapes(described)
         assert rest == "Human: " and 2 <= len(shapes) <= 4
-        asked = set(data._words(question))
+        asked = set(synthetic._words(question))
         named = [s for s in shapes if {s[0], s[1]} <= asked]  # (colour, kind) pairs are unique in a scene
         assert len(named) == 1, doc
-        assert data.score_answer("position", answer, dict(zip(("color", "shape", "position"), named[0]))), doc
+        assert synthetic.score_answer("position", answer, dict(zip(("color", "shape", "position"), named[0]))), doc
 
 
 def test_heldout_reading_asks_the_heldout_questions_about_the_scene_as_shape_marks(runs):
@@ -269,9 +270,9 @@ def test_a_stage0_chat_is_learnt_on_its_answers_tokenised_as_stage2_does(runs):
 
 
 def test_malformed_entries_are_skipped_and_counted(tmp_path):
-    good = json.dumps({"image": ["a.png"], "text": data.render_owl_text(CONV)})
+    good = json.dumps({"image": ["a.png"], "text": synthetic.render_owl_text(CONV)})
     lines = [good, "{not json", json.dumps({"image": ["a.png"]}),  # no text
-             json.dumps({"image": ["a.png", "b.png"], "text": data.render_owl_text(CONV)}),  # 1 tag, 2 images
+             json.dumps({"image": ["a.png", "b.png"], "text": synthetic.render_owl_text(CONV)}),  # 1 tag, 2 images
              json.dumps({"text": data.SYSTEM + "\nHuman: hi\nAI: "}),  # empty answer
              json.dumps({"text": data.SYSTEM + "\nHuman: hi"}), good]  # no AI turn
     (tmp_path / "o.jsonl").write_text("\n".join(lines) + "\n\n")
@@ -293,28 +294,28 @@ def test_malformed_entries_are_skipped_and_counted(tmp_path):
 
 
 def test_score_answer_accepts_right_and_rejects_wrong_or_contradicting():
-    assert data.score_answer("color", "The shape is red.", {"color": "red"})
-    assert not data.score_answer("color", "The shape is blue.", {"color": "red"})
-    assert not data.score_answer("color", "It is red or blue.", {"color": "red"})
-    assert data.score_answer("shape", "It is a triangle.", {"shape": "triangle"})
-    assert not data.score_answer("shape", "It is a square.", {"shape": "triangle"})
-    assert data.score_answer("count", "There are 3 shapes.", {"count": 3})
-    assert data.score_answer("count", "There are three shapes.", {"count": 3})
-    assert not data.score_answer("count", "There are 2 shapes.", {"count": 3})
-    assert not data.score_answer("count", "There are 3 or 4 shapes.", {"count": 3})
+    assert synthetic.score_answer("color", "The shape is red.", {"color": "red"})
+    assert not synthetic.score_answer("color", "The shape is blue.", {"color": "red"})
+    assert not synthetic.score_answer("color", "It is red or blue.", {"color": "red"})
+    assert synthetic.score_answer("shape", "It is a triangle.", {"shape": "triangle"})
+    assert not synthetic.score_answer("shape", "It is a square.", {"shape": "triangle"})
+    assert synthetic.score_answer("count", "There are 3 shapes.", {"count": 3})
+    assert synthetic.score_answer("count", "There are three shapes.", {"count": 3})
+    assert not synthetic.score_answer("count", "There are 2 shapes.", {"count": 3})
+    assert not synthetic.score_answer("count", "There are 3 or 4 shapes.", {"count": 3})
     target = {"color": "red", "shape": "circle", "position": "left"}
-    assert data.score_answer("position", "The red circle is at the left.", target)
-    assert not data.score_answer("position", "The red circle is at the left and right.", target)
-    assert not data.score_answer("position", "It is at the top.", target)
+    assert synthetic.score_answer("position", "The red circle is at the left.", target)
+    assert not synthetic.score_answer("position", "The red circle is at the left and right.", target)
+    assert not synthetic.score_answer("position", "It is at the top.", target)
     scene = {"count": 2, "shapes": [{"color": "red", "shape": "circle", "position": "left"},
                                     {"color": "blue", "shape": "square", "position": "top"}]}
-    assert data.score_answer("describe", "2 shapes: a red circle at the left and a blue square at the top.", scene)
-    assert data.score_answer("describe", "There are two shapes: a blue square and a red circle.", scene)
-    assert not data.score_answer("describe", "2 shapes: a red circle at the left.", scene)
-    assert not data.score_answer("describe", "2 shapes: a blue circle and a red square.", scene)
-    assert not data.score_answer("describe", "3 shapes: a red circle, a blue square and a green triangle.", scene)
-    assert not data.score_answer("describe", "2 shapes: a red circle at the bottom and a blue square.", scene)
-    table = data.accuracy_table([("color", True), ("color", False), ("count", True)])
+    assert synthetic.score_answer("describe", "2 shapes: a red circle at the left and a blue square at the top.", scene)
+    assert synthetic.score_answer("describe", "There are two shapes: a blue square and a red circle.", scene)
+    assert not synthetic.score_answer("describe", "2 shapes: a red circle at the left.", scene)
+    assert not synthetic.score_answer("describe", "2 shapes: a blue circle and a red square.", scene)
+    assert not synthetic.score_answer("describe", "3 shapes: a red circle, a blue square and a green triangle.", scene)
+    assert not synthetic.score_answer("describe", "2 shapes: a red circle at the bottom and a blue square.", scene)
+    table = synthetic.accuracy_table([("color", True), ("color", False), ("count", True)])
     assert table == {"color": (1, 2), "count": (1, 1), "all": (2, 3)}
 
 
@@ -330,11 +331,11 @@ def test_tokenizer_round_trips_every_text_with_llama_ids(runs):
     texts = [s for c in convs for turn in c.turns for s in turn] + [data.SYSTEM]
     texts += [c for _, c in data.load_captions_jsonl(os.path.join(folder, "stage1.jsonl"))]
     texts += [r["answer"] for r in _jsonl(os.path.join(folder, "heldout.jsonl"))]
-    texts += [data.render_owl_text(c.turns) for c in convs]  # the template's "\nHuman: " and "AI: " too
+    texts += [synthetic.render_owl_text(c.turns) for c in convs]  # the template's "\nHuman: " and "AI: " too
     for text in texts:
         ids = sp.encode(text)
         assert 0 not in ids and sp.decode(ids) == text, text
-    for word in [*data.COLORS, *data.SHAPES, *data.POSITIONS]:
+    for word in [*synthetic.COLORS, *synthetic.SHAPES, *synthetic.POSITIONS]:
         assert len(sp.encode(word)) == 1, word
     assert len(sp.encode("12 plus 30")) > 3  # digits split one by one, any number tokenizes
 

@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import data  # noqa: E402
+import synthetic  # noqa: E402
 import tiny  # noqa: E402
 import train  # noqa: E402
 from conftest import write_huge_png  # noqa: E402
@@ -41,7 +42,7 @@ def run(*args, check=True, **kw):
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):
     d = tmp_path_factory.mktemp("synth")
-    data.synth(str(d), seed=3, n_train=120, n_owl=60, n_llava=30, n_alpaca=30, n_heldout=10, n_reading=60,
+    synthetic.synth(str(d), seed=3, n_train=120, n_owl=60, n_llava=30, n_alpaca=30, n_heldout=10, n_reading=60,
                n_drill=60)
     return d
 
@@ -109,7 +110,7 @@ def test_stage1_captions_are_answers_to_the_caption_prompt_or_follow_the_image(t
 
 def test_three_stage2_formats_give_the_same_samples(tmp_path, tok):
     turns = [("What is 2 plus 1?", "2 plus 1 is 3.")]
-    (tmp_path / "a.jsonl").write_text(json.dumps({"text": data.render_owl_text(turns), "task_type": "x"}) + "\n")
+    (tmp_path / "a.jsonl").write_text(json.dumps({"text": synthetic.render_owl_text(turns), "task_type": "x"}) + "\n")
     (tmp_path / "b.json").write_text(json.dumps([{"conversations": [{"from": "human", "value": turns[0][0]},
                                                                     {"from": "gpt", "value": turns[0][1]}]}]))
     (tmp_path / "c.json").write_text(json.dumps([{"instruction": turns[0][0], "input": "", "output": turns[0][1]}]))
@@ -138,21 +139,21 @@ def test_a_shape_mark_becomes_one_input_vector_the_sum_of_its_word_embeddings(to
     reaches each word's embedding row. Stage 2 reads the same text as plain text."""
     chat = "Human: <shape red circle top><shape blue square left>\nHuman: Where is the red circle?\nAI: It is at the top."
     sample = data.build_sample(tok, data.document_segments(chat), [], 0, 256, with_shapes=True)
-    prompt = (tok.encode("Human: ") + [data.SHAPE_ID, data.SHAPE_ID]
+    prompt = (tok.encode("Human: ") + [synthetic.SHAPE_ID, synthetic.SHAPE_ID]
               + tok.encode("\nHuman: Where is the red circle?\nAI: "))
     answer = tok.encode("It is at the top.") + [tok.eos_id]
     assert sample.ids == [tok.bos_id] + prompt + answer
     assert sample.labels == [-100] * (1 + len(prompt)) + answer
     assert sample.shapes == [tok.encode("red circle top"), tok.encode("blue square left")]
     plain = data.build_sample(tok, data.document_segments(chat), [], 0, 256)
-    assert data.SHAPE_ID not in plain.ids and plain.shapes == []
+    assert synthetic.SHAPE_ID not in plain.ids and plain.shapes == []
 
     model = train.Llama(train.OwlConfig.preset("tiny").text)
     model.init_weights()
     ids, labels, _, shapes = train.collate([sample, sample], None, None, "cpu")
     x = tiny.shape_embeddings(model, ids, shapes)
     table = model.model.embed_tokens.weight
-    slots = [i for i, t in enumerate(sample.ids) if t == data.SHAPE_ID]
+    slots = [i for i, t in enumerate(sample.ids) if t == synthetic.SHAPE_ID]
     for row in range(2):
         for slot, words in zip(slots, sample.shapes):
             torch.testing.assert_close(x[row, slot], table[words].sum(0))
@@ -171,7 +172,7 @@ def test_stage0_drills_the_look_up_first_then_trains_on_the_whole_mix(synth, tok
     order = train.stage_order(cfg, 0, sources)
     assert len(order) == 48 and all(id(s) in drill for s in order[:32])
     assert any(id(s) not in drill for s in order[32:]) and any(id(s) in drill for s in order[32:])
-    assert all(s.shapes and s.ids.count(data.SHAPE_ID) == len(s.shapes) for s in order[:32])
+    assert all(s.shapes and s.ids.count(synthetic.SHAPE_ID) == len(s.shapes) for s in order[:32])
     mixed = train.stage_order(train.TrainConfig(data_dir=str(synth), steps=6, batch_size=8, drill_steps=0), 0, sources)
     assert any(id(s) not in drill for s in mixed[:32])
 
@@ -234,10 +235,10 @@ def test_vision_labels_name_the_patches_each_shape_covers():
     transform = tiny.ImageTransform(64)
     pixels, objects, in_view = tiny.labelled_image(scene, transform, 8, None)
     assert pixels.shape == (3, 64, 64) and in_view == 2
-    assert [f for _, f in objects] == [(data.SHAPES.index("square"), list(data.COLORS).index("red"),
-                                        list(data.POSITIONS).index("left")),
-                                       (data.SHAPES.index("circle"), list(data.COLORS).index("blue"),
-                                        list(data.POSITIONS).index("right"))]
+    assert [f for _, f in objects] == [(synthetic.SHAPES.index("square"), list(synthetic.COLORS).index("red"),
+                                        list(synthetic.POSITIONS).index("left")),
+                                       (synthetic.SHAPES.index("circle"), list(synthetic.COLORS).index("blue"),
+                                        list(synthetic.POSITIONS).index("right"))]
     square = {(int(i) // 8, int(i) % 8) for i in objects[0][0].nonzero()}
     assert square == {(r, c) for r in (1, 2, 3) for c in (1, 2, 3)}
     circle = {(int(i) // 8, int(i) % 8) for i in objects[1][0].nonzero()}
@@ -250,7 +251,7 @@ def test_vision_pretraining_loss_falls_on_a_fixed_batch():
     vit.init_weights()
     heads = torch.nn.ModuleList([torch.nn.Linear(128, 11), torch.nn.Linear(128, 5)])
     rng = random.Random(0)
-    batch = [tiny.labelled_image(data.random_scene(rng), tiny.ImageTransform(64), 8, None) for _ in range(8)]
+    batch = [tiny.labelled_image(synthetic.random_scene(rng), tiny.ImageTransform(64), 8, None) for _ in range(8)]
     opt = torch.optim.AdamW([*vit.parameters(), *heads.parameters()], lr=1e-3)
     first = None
     for _ in range(25):
