@@ -98,6 +98,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
+# Whether this CPU has AMX tiles, where oneDNN's bf16 matrix-vector kernel beats PyTorch's own (see Llama.forward).
+CPU_HAS_AMX = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+
+
 @contextmanager
 def onednn_disabled():
     """PyTorch's own CPU kernels instead of oneDNN's for the ops run inside (a process-wide switch, restored after)."""
@@ -234,10 +238,13 @@ class Llama(nn.Module):
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # once here, not in each layer's q and k
         if mask is None and T > 1 and start_pos > 0:  # a chunk appended to a cache: causal within, sees all before
             mask = torch.ones(T, start_pos + T, dtype=torch.bool, device=x.device).tril(start_pos)
-        # One token of one sequence in bf16 on CPU (a decode step): every Linear is a matrix-vector product, which
-        # oneDNN runs at half the memory bandwidth (it re-packs each weight matrix on every call) and PyTorch's own
-        # kernel runs at full speed (bench.py measures both). Matrices (prompts, batches, training) keep oneDNN.
-        one_bf16_row = x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.shape[0] * T == 1
+        # One token of one sequence in bf16 on CPU (a decode step): every Linear is a matrix-vector product. Without
+        # AMX, oneDNN runs it at half the memory bandwidth (it re-packs each weight matrix on every call) and
+        # PyTorch's own kernel at full speed; on a CPU with AMX tiles oneDNN is the faster one (bench.py measures
+        # both: 2.5x the other way on an AMD EPYC, 1.5x for oneDNN on an Intel Xeon with AMX). Matrices (prompts,
+        # batches, training) keep oneDNN.
+        one_bf16_row = (x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.shape[0] * T == 1
+                        and not CPU_HAS_AMX)
         with onednn_disabled() if one_bf16_row else nullcontext():
             for layer in self.model.layers:
                 if self.grad_checkpointing and self.training:

@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig as HFLlamaConfig
 from transformers import LlamaForCausalLM
 
+import llama
 from llama import Linear, Llama, Tokenizer, sample
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -106,8 +107,13 @@ def test_last_only_gives_the_last_row_of_the_full_logits(hf_and_folder):
     torch.testing.assert_close(last, ours_logits(model, ids)[:, -1:], atol=1e-5, rtol=0)
 
 
-def test_a_bf16_decode_step_on_cpu_matches_the_full_forward_and_leaves_onednn_on(hf_and_folder):
-    """One bf16 token runs its matrix-vector products on PyTorch's own kernel (not oneDNN), only for that step."""
+@pytest.mark.parametrize("amx", [False, True])
+def test_a_bf16_decode_step_on_cpu_matches_the_full_forward_and_leaves_onednn_on(hf_and_folder, monkeypatch, amx):
+    """One bf16 token runs its matrix-vector products on PyTorch's own kernel (not oneDNN) for that step only, or on
+    oneDNN where the CPU has AMX: the same answer either way."""
+    monkeypatch.setattr(llama, "CPU_HAS_AMX", amx)
+    entered, onednn_disabled = [], llama.onednn_disabled
+    monkeypatch.setattr(llama, "onednn_disabled", lambda: entered.append(1) or onednn_disabled())
     _, folder = hf_and_folder
     model = Llama.from_hf(folder, dtype=torch.bfloat16).eval()
     ids = ids_for_test(B=1, T=9)
@@ -117,7 +123,7 @@ def test_a_bf16_decode_step_on_cpu_matches_the_full_forward_and_leaves_onednn_on
         model(ids[:, :8])
         step = model(ids[:, 8:], start_pos=8)
         model.clear_cache()
-    assert torch.backends.mkldnn.enabled
+    assert torch.backends.mkldnn.enabled and len(entered) == (0 if amx else 1)  # the decode step only
     torch.testing.assert_close(step, full[:, -1:], atol=0.05, rtol=0.02)
 
 
