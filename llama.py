@@ -243,9 +243,9 @@ class Llama(nn.Module):
         # PyTorch's own kernel at full speed; on a CPU with AMX tiles oneDNN is the faster one (bench.py measures
         # both: 2.5x the other way on an AMD EPYC, 1.5x for oneDNN on an Intel Xeon with AMX). Matrices (prompts,
         # batches, training) keep oneDNN.
-        one_bf16_row = (x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.shape[0] * T == 1
-                        and not CPU_HAS_AMX)
-        with onednn_disabled() if one_bf16_row else nullcontext():
+        native_matvec = (x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.shape[0] * T == 1
+                         and not CPU_HAS_AMX)
+        with onednn_disabled() if native_matvec else nullcontext():
             for layer in self.model.layers:
                 if self.grad_checkpointing and self.training:
                     x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, start_pos, mask, use_reentrant=False)

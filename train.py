@@ -84,22 +84,13 @@ class TrainConfig:
     dtype: str = ""  # bfloat16 on CUDA, float32 on CPU
 
 
-# What each stage of the tiny run does by default: steps, global batch, peak lr.
-# Sized so that `make demo` finishes in about 20 minutes on 2 CPU cores. Stage 0 must run long enough for the tiny f_L
-# to learn to answer from its context (measured: colour copied from a described scene 17% after 300 steps of plain
-# text, 100% after 600 with the reading chats at weight 3), and at lr 1e-3 rather than 3e-3: in the same 600 steps it
-# then copies a described list of shapes without a miss (describe 28% -> 100% in words) and the whole Owl rose from
-# 71.7% to 89.7% on held-out images (README). A from-scratch f_V is the slow learner and unstable above
-# lr 1e-3 (measured with a linear probe), so stage 1 gets most of the remaining time at that rate. Stage 0's f_V part
-# (--vision-steps 800) adds an estimated 3-4 minutes there; it took shape from about 60% to 80% (README). With both
-# pre-trained, stage 1 reaches in 300 steps the loss it used to end at; 500 steps instead of 800 (about 3 minutes less)
-# cost 1.7 points held-out (89.7% -> 88.0%); the demo then took 38 min on a machine about 2x slower than the one of
-# the 17-minute demo (about 18 min there by stage 0's ratio: an estimate, not run there). Stage 0's f_L: 300 steps of
-# the look-up drill, then 700 of the mix (README, "Where it stands"): after 200 drill steps the look-up had formed on
-# one seed of two (reading check position 75% / 86%, describe 45% / 73%), after 300 position 100% and describe 84% on
-# the seed that fell short; the drill's chats are short, so its steps are cheap. When the scenes' draw changed (other
-# shades, anti-aliasing) the same 1000 steps gave position 85% / 98% and describe 73% / 89% on seeds 1337 / 1338;
-# 1400 steps (300 drill + 1100 mixed, about 2 minutes more) 96% / 100% and 88% / 95%; 1800 on seed 1337 99% and 92%.
+# What each stage of the tiny run does by default: steps, global batch, peak lr, sized so that `make demo` finishes in
+# about 20 minutes on 2 CPU cores (README, "Where it stands", and its lab notes hold the measurements). Stage 0's f_L
+# runs at lr 1e-3 (at 3e-3 it did not learn to copy a described list) and long enough to answer from its context:
+# 300 look-up drill steps, then 1100 of the mix. With 700 mixed steps the reading check's position and describe
+# depended on the draw and the seed (85% / 73% on one); with 1100 they were 96-100% and 88-95% on two seeds. A
+# from-scratch f_V is the slow learner and unstable above lr 1e-3, so stage 1 gets most of the remaining time at that
+# rate; with f_V pre-trained in stage 0 (--vision-steps), 500 steps reach what 800 did within 1.7 points.
 STAGE_DEFAULTS = {0: dict(steps=1400, batch_size=64, lr=1e-3), 1: dict(steps=500, batch_size=64, lr=1e-3),
                   2: dict(steps=300, batch_size=64, lr=1e-3)}
 
