@@ -12,8 +12,8 @@ medians and their ratio. Benchmark-only dependencies: transformers and peft (req
     stream   the machine's limits, always measured: the memory bandwidth (copying and summing a buffer far larger
              than the caches; the faster of the two) that decode is held to, and the rate of a large matrix
              product that f_V, prefill and training are held to (each of their rows shows its share of it). Also
-             a bf16 matrix-vector product with oneDNN (what F.linear picks) and with PyTorch's own kernel: why f_L
-             decodes bf16 on CPU without oneDNN.
+             a bf16 matrix-vector product with oneDNN (what F.linear picks) and with torch.mv (PyTorch's own
+             kernel): why f_L's decode step sends one bf16 row to torch.mv.
     vit      f_V, ViT-L/14 at 224 px, batch 4, fp32 and bf16: seconds per batch. Target Owl <= 0.8 x HF.
     decode   f_L shaped hidden 1024, 24 layers, 16 heads, MLP 2816, vocab 32000 (374M parameters); a 100-token
              prompt, 64 new tokens, batch 1, greedy, fp32 and bf16: tokens/s after the first token, and the bytes of
@@ -24,6 +24,8 @@ medians and their ratio. Benchmark-only dependencies: transformers and peft (req
     lora     a stage-2 step on the same f_L: LoRA r 8, alpha 32, dropout 0.05 on q_proj and v_proj, batch 2 x 512,
              forward, backward and AdamW, fp32: tokens/s (target >= 1.3 x HF + peft), and the peak memory a step
              adds to the loaded model, to the MB, each side in a fresh process (target: no more than HF + peft).
+             Twice: a loss on every token, then on the second half of each sequence only (an instruction's answer,
+             its prompt masked), where Owl's loss runs the lm_head on those positions only (train.summed_loss).
     owl      the whole Owl (no HF counterpart): tiny (fp32), and owl-7b-shaped with fewer f_L layers (bf16): time
              to the first token and tokens/s for one image and a question.
     load-7b  (only with --load-7b) writes a random owl-7b checkpoint in the official format once (bf16, sharded
@@ -47,7 +49,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from llama import Llama, Tokenizer, build_empty, onednn_disabled
+from llama import Llama, Tokenizer, build_empty
 from lora import apply_lora, mark_only_lora_trainable
 from owl import Owl, OwlConfig, render_prompt
 from vit import VisionTransformer
@@ -166,19 +168,15 @@ def case_stream(table, z, dtypes) -> tuple:
     limit = max(copy_bw, read_bw)
     del src, dst
     table.add("memory bandwidth (the limit for decode)", f"{limit:.1f} GB/s (copy {copy_bw:.1f}, read {read_bw:.1f})")
-    if torch.bfloat16 in dtypes:  # why f_L's decode leaves oneDNN for bf16 matrix-vector products
+    if torch.bfloat16 in dtypes:  # why llama.Linear sends one bf16 row to torch.mv
         dtype = torch.bfloat16
         weights = [torch.randn(4096, 4096, dtype=dtype) for _ in range(16)]  # 256 MiB in bf16: not in any cache
         x = torch.randn(1, 4096, dtype=dtype)
-
-        def native():
-            with onednn_disabled():
-                [F.linear(x, w) for w in weights]
-
-        s = alternate({"default": lambda: [F.linear(x, w) for w in weights], "native": native}, z["repeats"])
+        s = alternate({"linear": lambda: [F.linear(x, w) for w in weights],
+                       "mv": lambda: [torch.mv(w, x[0]) for w in weights]}, z["repeats"])
         bw = {k: nbytes(weights) / v / GB for k, v in s.items()}
-        table.add("bf16 matrix x vector (4096 x 4096): PyTorch's kernel, oneDNN", f"{bw['native']:.1f} GB/s",
-                  f"{bw['default']:.1f} GB/s", f"{bw['native'] / bw['default']:.2f}")
+        table.add("bf16 matrix x vector (4096 x 4096): torch.mv, F.linear (oneDNN)", f"{bw['mv']:.1f} GB/s",
+                  f"{bw['linear']:.1f} GB/s", f"{bw['mv'] / bw['linear']:.2f}")
     peak = {}
     for dtype in dtypes:
         a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
@@ -343,18 +341,23 @@ def case_prefill(table, z, dtype, owl, hf, peak):
                s["owl"], s["hf"], 0.8, llama_flops(z["llama_layers"], x.shape[1], 1), peak[dtype])
 
 
-def lora_model(impl: str, folder: str, seq: int):
+def lora_model(impl: str, folder: str, seq: int, answers: bool):
     """Owl's f_L with lora.py ("owl") or HF's LLaMA with peft ("hf"), from folder, in training mode, and its loss on
-    one batch of 2 x seq random tokens. Returns (model, loss function, step function: forward, backward, AdamW)."""
+    one batch of 2 x seq random tokens: a target at every position, or (answers) on the second half of each
+    sequence only, as in an instruction whose prompt is masked. Returns (model, loss function, step function)."""
     ids = torch.randint(3, LLAMA["vocab_size"], (2, seq), generator=torch.Generator().manual_seed(2))
+    labels = ids.clone()
+    if answers:
+        labels[:, : seq // 2] = -100
     if impl == "owl":
         model = Llama.from_hf(folder)
         apply_lora(model, ("q_proj", "v_proj"), r=8, alpha=32, dropout=0.05)
         mark_only_lora_trainable(model)
-        labels = F.pad(ids[:, 1:], (0, 1), value=-100)  # position t predicts token t + 1; the last predicts none
+        select = F.pad(labels[:, 1:] != -100, (0, 1), value=False)  # as train.summed_loss: logits where t + 1 is
+        targets = labels[:, 1:][select[:, :-1]]  # a target
 
-        def loss_fn():  # shifting the labels, not the logits, spares a copy of the logits
-            return F.cross_entropy(model(ids).flatten(0, 1), labels.flatten(), ignore_index=-100)
+        def loss_fn():
+            return F.cross_entropy(model(ids, select=select), targets)
     else:
         from peft import LoraConfig, get_peft_model
         from transformers import LlamaForCausalLM
@@ -363,7 +366,7 @@ def lora_model(impl: str, folder: str, seq: int):
                                LoraConfig(r=8, lora_alpha=32, lora_dropout=0.05, target_modules=["q_proj", "v_proj"]))
 
         def loss_fn():
-            return model(input_ids=ids, labels=ids).loss
+            return model(input_ids=ids, labels=labels).loss
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     def step():
@@ -385,9 +388,9 @@ def copy_lora_into_peft(owl, hf):
                 theirs[f"base_model.model.{module}.{which}.default.weight"].copy_(p)
 
 
-def lora_memory(impl: str, folder: str, seq: int):
+def lora_memory(impl: str, folder: str, seq: int, answers: bool):
     """(In a fresh process.) The peak memory one LoRA step adds to the loaded model, printed as JSON."""
-    _, loss_fn, step = lora_model(impl, folder, seq)
+    _, loss_fn, step = lora_model(impl, folder, seq, answers)
     with torch.no_grad():  # a forward pass first: Owl's loader maps the weights from disk, page by page on first use,
         loss_fn()  # and both sides build some tables on first use (Owl its RoPE table)
     before = rss_bytes()
@@ -397,9 +400,9 @@ def lora_memory(impl: str, folder: str, seq: int):
     print(json.dumps({"before": before, "peak": peak_rss_bytes(), "reset": reset}))
 
 
-def case_lora(table, z, folder, threads, peak):
+def case_lora(table, z, folder, threads, peak, answers: bool):
     seq = z["lora_seq"]
-    (owl, owl_loss, owl_step), (hf, hf_loss, hf_step) = (lora_model(impl, folder, seq) for impl in ("owl", "hf"))
+    (owl, owl_loss, owl_step), (hf, hf_loss, hf_step) = (lora_model(impl, folder, seq, answers) for impl in ("owl", "hf"))
     copy_lora_into_peft(owl, hf)
     owl.eval(), hf.eval()  # no dropout for the comparison
     with torch.no_grad():
@@ -408,18 +411,20 @@ def case_lora(table, z, folder, threads, peak):
     s = alternate({"owl": owl_step, "hf": hf_step}, max(2, z["repeats"] - 2))
     del owl, hf, owl_step, hf_step
     r = s["hf"] / s["owl"]
-    # the backward pass computes gradients of activations only (the base weights are frozen): about the forward's cost
-    flops = 2 * 2 * llama_flops(z["lora_layers"], seq, seq)
-    table.add(f"LoRA step q,v r 8, batch 2 x {seq} ({z['lora_layers']} layers), fp32: tokens/s",
-              f"{2 * seq / s['owl']:.1f} ({share(flops, s['owl'], peak[torch.float32])})",
-              f"{2 * seq / s['hf']:.1f} ({share(flops, s['hf'], peak[torch.float32])})", f"Owl/HF tokens/s {r:.2f}",
-              ">= 1.3", yes(r >= 1.3))
-    mem = {impl: in_fresh_process(f"lora_memory({impl!r}, {str(folder)!r}, {seq})", threads, exact_rss=True)
-           for impl in ("owl", "hf")}
+    # the backward pass computes gradients of activations only (the base weights are frozen): about the forward's
+    # cost. With answers only, Owl runs the lm_head on the targets' positions, HF on every position.
+    flops = {impl: 2 * 2 * llama_flops(z["lora_layers"], seq, seq // 2 if answers and impl == "owl" else seq)
+             for impl in ("owl", "hf")}
+    what = "loss on the second half of each sequence" if answers else "loss on every token"
+    table.add(f"LoRA step q,v r 8, batch 2 x {seq} ({z['lora_layers']} layers), fp32, {what}: tokens/s",
+              *(f"{2 * seq / s[impl]:.1f} ({share(flops[impl], s[impl], peak[torch.float32])})"
+                for impl in ("owl", "hf")), f"Owl/HF tokens/s {r:.2f}", ">= 1.3", yes(r >= 1.3))
+    mem = {impl: in_fresh_process(f"lora_memory({impl!r}, {str(folder)!r}, {seq}, {answers})", threads,
+                                  exact_rss=True) for impl in ("owl", "hf")}
     added = {impl: round((m["peak"] - m["before"]) / 1e6) for impl, m in mem.items()}  # to the MB: Python's own
     # heap moves by a fraction of one
     whole = "" if all(m["reset"] for m in mem.values()) else " (whole process: this kernel keeps its peak mark)"
-    table.add(f"LoRA step: peak memory added to the loaded model{whole}", f"{added['owl']:.0f} MB",
+    table.add(f"LoRA step, {what}: peak memory added to the loaded model{whole}", f"{added['owl']:.0f} MB",
               f"{added['hf']:.0f} MB", f"Owl/HF {added['owl'] / added['hf']:.2f}", "<= 1.0",
               yes(added["owl"] <= added["hf"]))
 
@@ -635,7 +640,8 @@ def main(argv=None) -> int:
                     del owl, hf
             if "lora" in cases:
                 save_random_llama(z["lora_layers"], Path(folder) / "lora")
-                case_lora(table, z, Path(folder) / "lora", args.threads, peak)
+                for answers in (False, True):
+                    case_lora(table, z, Path(folder) / "lora", args.threads, peak, answers)
     if "owl" in cases:
         case_owl(table, z)
     if args.load_7b:

@@ -11,7 +11,6 @@ layout). Meta's original `consolidated.*.pth` layout is converted on load (the q
 import json
 from dataclasses import dataclass, fields
 from pathlib import Path
-from contextlib import contextmanager, nullcontext
 from typing import Iterator, List, Optional
 
 import torch
@@ -98,36 +97,28 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
-# Whether this CPU has AMX tiles, where oneDNN's bf16 matrix-vector kernel beats PyTorch's own (see Llama.forward).
-CPU_HAS_AMX = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
-
-
-@contextmanager
-def onednn_disabled():
-    """PyTorch's own CPU kernels instead of oneDNN's for the ops run inside (a process-wide switch, restored after)."""
-    before = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = False
-    try:
-        yield
-    finally:
-        torch.backends.mkldnn.enabled = before
-
-
 class Linear(nn.Linear):
-    """nn.Linear (same parameter, same state-dict key) with a faster path for one float32 row on CPU.
+    """nn.Linear (same parameter, same state-dict key) with faster paths for one row on CPU (a decode step).
 
-    A decode step multiplies every weight matrix by a single vector. MKL's float32 matrix-vector kernel runs on one
-    core whatever the thread count (~17 GB/s of weights here, half of what the machine streams). Cut the matrix
-    into one block of rows per thread and multiply the blocks as a batch (bmm), and each thread streams its own
-    block: 1.6x the bandwidth on 2 cores, bit-identical output (bench.py measures it).
+    A decode step multiplies every weight matrix by a single vector, so its speed is the rate at which the weights
+    stream from memory. F.linear does not reach it for one row:
+    - float32: MKL's matrix-vector kernel runs on one core on some CPUs (~17 GB/s on a 2-core AMD EPYC, half of
+      what the machine streams). Cut the matrix into one block of rows per thread and multiply the blocks as a batch
+      (bmm), and each thread streams its own block: 1.6x the bandwidth there, bit-identical output.
+    - bfloat16: F.linear goes to oneDNN, which re-packs the weight on every call. torch.mv runs PyTorch's own
+      matrix-vector kernel (float32 sums, rows spread over the threads): 1.3-1.8x oneDNN's rate on an Intel Xeon
+      with AMX (bench.py measures both).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        k = torch.get_num_threads()
         n, d = self.weight.shape
-        if (k == 1 or n % k or x.numel() != d or x.dtype != torch.float32 or x.device.type != "cpu"
-                or self.bias is not None or torch.is_grad_enabled()):
+        if x.numel() != d or x.device.type != "cpu" or self.bias is not None or torch.is_grad_enabled():
             return F.linear(x, self.weight, self.bias)
+        if x.dtype == torch.bfloat16:
+            return torch.mv(self.weight, x.reshape(d)).reshape(*x.shape[:-1], n)
+        k = torch.get_num_threads()
+        if x.dtype != torch.float32 or k == 1 or n % k:
+            return F.linear(x, self.weight)
         blocks = self.weight.view(k, n // k, d).transpose(1, 2)  # (k, d, n/k), no copy
         return torch.bmm(x.reshape(1, 1, d).expand(k, 1, d), blocks).reshape(*x.shape[:-1], n)
 
@@ -155,20 +146,11 @@ class Attention(nn.Module):
             self.cache_v[:B, :, start_pos: start_pos + T] = v
             k, v = self.cache_k[:B, :, : start_pos + T], self.cache_v[:B, :, : start_pos + T]
         gqa = self.cfg.num_kv_heads != self.cfg.num_heads
-        # SDPA's flash kernel serves a single decoded token on CPU too (torch 2.13: as fast as the math kernel at 1
-        # thread, 2.5x faster at 2 threads on a busy machine). In bf16 that kernel is 3x slower than in float32 for
-        # one query, even counting the casts of the cache (measured: 0.2 vs 0.07 ms for 16 heads x 120 positions).
-        if T == 1 and x.device.type == "cpu" and q.dtype == torch.bfloat16:
-            y = self._sdpa(q.float(), k.float(), v.float(), T, mask, gqa).to(q.dtype)
-        else:
-            y = self._sdpa(q, k, v, T, mask, gqa)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
-
-    @staticmethod
-    def _sdpa(q, k, v, T, mask, gqa):
         if mask is None:  # a causal prefill from position 0, or one new token that may see everything before it
-            return F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
 class MLP(nn.Module):
@@ -220,11 +202,12 @@ class Llama(nn.Module):
         return self._rope
 
     def forward(self, input_ids=None, inputs_embeds=None, start_pos: int = 0, positions=None, mask=None,
-                last_only: bool = False):
+                last_only: bool = False, select: Optional[torch.Tensor] = None):
         """start_pos: where these tokens sit in the KV cache (0 without a cache). positions (B, T): explicit RoPE
         positions, for left-padded batches; mask: a boolean attention mask (B, 1, T, start_pos + T), True = attend.
-        last_only: logits of the last position alone, (B, 1, vocab): all that generating the next token needs (at
-        hidden 1024 the lm_head weighs as much as 2.5 decoder layers; over a whole prompt that is wasted work)."""
+        The lm_head (at hidden 1024 as heavy as 2.5 decoder layers) runs only where logits are wanted:
+        last_only: the last position alone, (B, 1, vocab): all that generating the next token needs;
+        select (B, T) bool: the chosen positions, in order, (N, vocab): where a training loss has a target."""
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         T = x.shape[1]
         end = start_pos + T if positions is None else int(positions.max()) + 1  # left pads hold no position
@@ -238,22 +221,16 @@ class Llama(nn.Module):
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # once here, not in each layer's q and k
         if mask is None and T > 1 and start_pos > 0:  # a chunk appended to a cache: causal within, sees all before
             mask = torch.ones(T, start_pos + T, dtype=torch.bool, device=x.device).tril(start_pos)
-        # One token of one sequence in bf16 on CPU (a decode step): every Linear is a matrix-vector product. Without
-        # AMX, oneDNN runs it at half the memory bandwidth (it re-packs each weight matrix on every call) and
-        # PyTorch's own kernel at full speed; on a CPU with AMX tiles oneDNN is the faster one (bench.py measures
-        # both: 2.5x the other way on an AMD EPYC, 1.5x for oneDNN on an Intel Xeon with AMX). Matrices (prompts,
-        # batches, training) keep oneDNN.
-        native_matvec = (x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.shape[0] * T == 1
-                         and not CPU_HAS_AMX)
-        with onednn_disabled() if native_matvec else nullcontext():
-            for layer in self.model.layers:
-                if self.grad_checkpointing and self.training:
-                    x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, start_pos, mask, use_reentrant=False)
-                else:
-                    x = layer(x, cos, sin, start_pos, mask)
-            if last_only:
-                x = x[:, -1:]
-            return self.lm_head(self.model.norm(x)).float()
+        for layer in self.model.layers:
+            if self.grad_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, start_pos, mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, start_pos, mask)
+        if last_only:
+            x = x[:, -1:]
+        elif select is not None:
+            x = x[select]
+        return self.lm_head(self.model.norm(x)).float()
 
     def setup_cache(self, batch_size: int, max_len: int = 0) -> None:
         """Pre-allocate every layer's KV cache once, so decoding writes in place instead of concatenating."""

@@ -124,6 +124,33 @@ def test_a_few_steps_lower_the_loss(stage0):
     assert len(losses) == 20 and sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3
 
 
+def test_the_loss_runs_the_lm_head_on_answer_positions_only_and_equals_the_full_cross_entropy(tokenizer_model):
+    """summed_loss gives logits only to the positions that predict an answer token; loss and gradients equal the
+    textbook next-token cross-entropy over the full (B, T, vocab) logits."""
+    from conftest import tiny_owl
+
+    model = tiny_owl(tokenizer_model).train()
+    V = model.cfg.text.vocab_size
+    ids = torch.randint(3, V, (2, 12), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[0, :7], labels[1, :3], labels[1, 9:] = -100, -100, -100  # prompts, and a padded tail on row 1
+    rows = []
+    hook = model.language_model.lm_head.register_forward_hook(lambda m, inp, out: rows.append(inp[0].shape[0]))
+    loss = train.summed_loss(model, ids, labels, None)
+    hook.remove()
+    assert rows == [int((labels[:, 1:] != -100).sum())] == [5 + 6]
+    weights = [model.language_model.lm_head.weight, model.language_model.model.layers[0].self_attn.q_proj.weight]
+    grads = torch.autograd.grad(loss, weights)
+
+    logits = model(ids)  # (B, T, vocab): every position
+    ref = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1),
+                                            ignore_index=-100, reduction="sum")
+    ref_grads = torch.autograd.grad(ref, weights)
+    torch.testing.assert_close(loss, ref)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)
+
+
 def test_stage0_answers_the_heldout_questions_about_scenes_as_shape_vectors(synth, stage0):
     """After stage 0 the f_L is asked the held-out questions with each scene given as shape vectors (half as many
     as --eval-samples), and its accuracy by kind is kept beside the checkpoint."""
