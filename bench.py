@@ -25,7 +25,8 @@ medians and their ratio. Benchmark-only dependencies: transformers and peft (req
              forward, backward and AdamW, fp32: tokens/s (target >= 1.3 x HF + peft), and the peak memory a step
              adds to the loaded model, to the MB, each side in a fresh process (target: no more than HF + peft).
              Twice: a loss on every token, then on the second half of each sequence only (an instruction's answer,
-             its prompt masked), where Owl's loss runs the lm_head on those positions only (train.summed_loss).
+             its prompt masked). Owl's loss (train.summed_loss) makes logits for the positions with a target only,
+             a block of rows at a time (llama.ChunkedCrossEntropy); HF's for every position at once.
     owl      the whole Owl (no HF counterpart): tiny (fp32), and owl-7b-shaped with fewer f_L layers (bf16): time
              to the first token and tokens/s for one image and a question.
     load-7b  (only with --load-7b) writes a random owl-7b checkpoint in the official format once (bf16, sharded
@@ -353,11 +354,11 @@ def lora_model(impl: str, folder: str, seq: int, answers: bool):
         model = Llama.from_hf(folder)
         apply_lora(model, ("q_proj", "v_proj"), r=8, alpha=32, dropout=0.05)
         mark_only_lora_trainable(model)
-        select = F.pad(labels[:, 1:] != -100, (0, 1), value=False)  # as train.summed_loss: logits where t + 1 is
-        targets = labels[:, 1:][select[:, :-1]]  # a target
+        targets = F.pad(labels[:, 1:], (0, 1), value=-100)  # as train.summed_loss: position t predicts t + 1
+        n_targets = int((targets != -100).sum())
 
         def loss_fn():
-            return F.cross_entropy(model(ids, select=select), targets)
+            return model(ids, targets=targets) / n_targets  # the mean, as HF's loss
     else:
         from peft import LoraConfig, get_peft_model
         from transformers import LlamaForCausalLM

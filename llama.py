@@ -185,6 +185,46 @@ class Decoder(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """The summed cross-entropy of the logits x @ weight.T against targets, made a block of rows at a time so the
+    (N, vocab) float32 logits never exist whole: with vocab 32000 they take 128 KB a row, and a plain
+    F.cross_entropy keeps two more tensors of that size (its log-softmax and, in backward, its gradient). Here the
+    gradients are made in the forward, block by block, from d loss / d logits = softmax - one_hot(target); the
+    backward only scales them by the incoming gradient. x (N, D), weight (vocab, D), targets (N,); grads: whether
+    to make them at all (not under no_grad)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, grads: bool):
+        rows = max(1, (1 << 24) // weight.shape[0])  # 64 MB of float32 logits a block
+        want_x, want_w = grads and ctx.needs_input_grad[0], grads and ctx.needs_input_grad[1]
+        grad_x = torch.empty_like(x) if want_x else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_w else None
+        loss = torch.zeros((), dtype=torch.float32, device=x.device)
+        for i in range(0, len(x), rows):
+            xi, ti = x[i: i + rows], targets[i: i + rows]
+            logits = F.linear(xi, weight).float()  # (rows, vocab)
+            lse = logits.logsumexp(-1)
+            loss += (lse - logits.gather(1, ti[:, None])[:, 0]).sum()  # -log softmax at the target
+            if want_x or want_w:
+                g = logits.sub_(lse[:, None]).exp_()  # the softmax, in place of the logits
+                g[torch.arange(len(ti), device=g.device), ti] -= 1.0
+                g = g.to(x.dtype)
+                if want_x:
+                    grad_x[i: i + rows] = g @ weight
+                if want_w:
+                    grad_w.addmm_(g.t().float(), xi.float())  # summed in float32 over the blocks
+        ctx.save_for_backward(grad_x, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_x, grad_w = ctx.saved_tensors
+        grad_x = None if grad_x is None else grad_x * grad_loss.to(grad_x.dtype)
+        grad_w = None if grad_w is None else (grad_w * grad_loss).to(ctx.weight_dtype)
+        return grad_x, grad_w, None, None
+
+
 class Llama(nn.Module):
     """f_L. Token ids (B, T) or input embeddings (B, T, hidden) -> next-token logits (B, T, vocab)."""
 
@@ -202,12 +242,13 @@ class Llama(nn.Module):
         return self._rope
 
     def forward(self, input_ids=None, inputs_embeds=None, start_pos: int = 0, positions=None, mask=None,
-                last_only: bool = False, select: Optional[torch.Tensor] = None):
+                last_only: bool = False, targets: Optional[torch.Tensor] = None):
         """start_pos: where these tokens sit in the KV cache (0 without a cache). positions (B, T): explicit RoPE
         positions, for left-padded batches; mask: a boolean attention mask (B, 1, T, start_pos + T), True = attend.
         The lm_head (at hidden 1024 as heavy as 2.5 decoder layers) runs only where logits are wanted:
         last_only: the last position alone, (B, 1, vocab): all that generating the next token needs;
-        select (B, T) bool: the chosen positions, in order, (N, vocab): where a training loss has a target."""
+        targets (B, T): the token each position should predict, -100 for none: returns instead the summed
+        cross-entropy over the positions with a target, their logits made a block at a time (ChunkedCrossEntropy)."""
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         T = x.shape[1]
         end = start_pos + T if positions is None else int(positions.max()) + 1  # left pads hold no position
@@ -226,10 +267,14 @@ class Llama(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, start_pos, mask, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, start_pos, mask)
+        if targets is not None:
+            keep = targets != -100
+            x, targets = self.model.norm(x[keep]), targets[keep]  # (N, D), (N,)
+            if type(self.lm_head) is not Linear:  # LoRA on the lm_head: its own forward
+                return F.cross_entropy(self.lm_head(x).float(), targets, reduction="sum")
+            return ChunkedCrossEntropy.apply(x, self.lm_head.weight, targets, torch.is_grad_enabled())
         if last_only:
             x = x[:, -1:]
-        elif select is not None:
-            x = x[select]
         return self.lm_head(self.model.norm(x)).float()
 
     def setup_cache(self, batch_size: int, max_len: int = 0) -> None:

@@ -158,10 +158,10 @@ class Owl(nn.Module):
         return x.masked_scatter(is_image.unsqueeze(-1), visual.reshape(-1, visual.shape[-1]))
 
     def forward(self, input_ids: torch.Tensor, pixels: Optional[torch.Tensor] = None,
-                select: Optional[torch.Tensor] = None) -> torch.Tensor:
+                targets: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Logits (B, T, vocab) for ids with image placeholders; images in the order their slots appear.
-        select (B, T) bool: logits of those positions only, (N, vocab) (see Llama.forward)."""
-        return self.language_model(inputs_embeds=self.embed(input_ids, pixels), select=select)
+        targets (B, T), -100 where none: the summed cross-entropy instead (see Llama.forward)."""
+        return self.language_model(inputs_embeds=self.embed(input_ids, pixels), targets=targets)
 
     @torch.inference_mode()
     def generate(self, ids: List[int], pixels: Optional[torch.Tensor] = None, max_new_tokens: int = 512,

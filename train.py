@@ -328,16 +328,14 @@ def collate(samples, images: ImageCache, rng, device):
 
 
 def summed_loss(model, ids, labels, pixels, shapes=None):
-    """Sum of the next-token cross-entropy over the answer tokens (labels != -100). Position t predicts token t + 1,
-    and only positions with an answer token to predict get logits: the lm_head skips the image tokens and prompts
-    (for owl-7b, a (B, T, 32000) float32 tensor and its gradient mostly spared)."""
-    select = F.pad(labels[:, 1:] != -100, (0, 1), value=False)
+    """Sum of the next-token cross-entropy over the answer tokens (labels != -100). Position t predicts token t + 1;
+    f_L makes logits only for positions with a target, a block at a time (llama.ChunkedCrossEntropy): the image
+    tokens and prompts get none, and the (B, T, 32000) float32 logits of owl-7b never exist whole."""
+    targets = F.pad(labels[:, 1:], (0, 1), value=-100)
     inner = model.module if hasattr(model, "module") else model  # DDP wraps the model
     if isinstance(inner, Llama):
-        logits = model(inputs_embeds=tiny.shape_embeddings(inner, ids, shapes), select=select)
-    else:
-        logits = model(ids, pixels, select=select)
-    return F.cross_entropy(logits, labels[:, 1:][select[:, :-1]], reduction="sum")
+        return model(inputs_embeds=tiny.shape_embeddings(inner, ids, shapes), targets=targets)
+    return model(ids, pixels, targets=targets)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -12,7 +12,8 @@ from transformers import LlamaConfig as HFLlamaConfig
 from transformers import LlamaForCausalLM
 
 import llama
-from llama import Linear, Llama, Tokenizer, sample
+from llama import ChunkedCrossEntropy, Linear, Llama, Tokenizer, sample
+from lora import apply_lora
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=128, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2)
@@ -125,6 +126,45 @@ def test_a_bf16_decode_step_on_cpu_runs_torch_mv_and_matches_the_full_forward(hf
     linears = [tuple(m.weight.shape) for m in model.modules() if isinstance(m, Linear)]
     assert sorted(calls) == sorted(linears) and len(linears) == 7 * TINY["num_hidden_layers"] + 1
     torch.testing.assert_close(step, full[:, -1:], atol=0.05, rtol=0.02)
+
+
+def test_chunked_cross_entropy_equals_f_cross_entropy_of_the_full_logits_with_its_gradients():
+    """Vocab 40000 makes blocks of 419 rows: 1000 rows take three, the last one short. The summed loss and the
+    gradients of x and of the weight equal F.cross_entropy over the whole (1000, 40000) logits; under no_grad the
+    loss alone, the same."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1000, 64, generator=g, requires_grad=True)
+    weight = (torch.randn(40000, 64, generator=g) * 0.3).requires_grad_()
+    targets = torch.randint(0, 40000, (1000,), generator=g)
+    blocks, linear = [], F.linear
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(F, "linear", lambda a, w, b=None: blocks.append(a.shape[0]) or linear(a, w, b))
+        loss = ChunkedCrossEntropy.apply(x, weight, targets, True)
+    assert blocks == [419, 419, 162]
+    grads = torch.autograd.grad(loss * 0.5, [x, weight])
+    ref = F.cross_entropy(x @ weight.T, targets, reduction="sum")
+    ref_grads = torch.autograd.grad(ref * 0.5, [x, weight])
+    torch.testing.assert_close(loss, ref)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want)
+    with torch.no_grad():
+        torch.testing.assert_close(ChunkedCrossEntropy.apply(x, weight, targets, False), ref)
+
+
+def test_the_loss_with_lora_on_the_lm_head_is_the_cross_entropy_of_its_logits(hf_and_folder):
+    """A LoRA-wrapped lm_head has weights beyond .weight: the loss then goes through its own forward."""
+    _, folder = hf_and_folder
+    model = Llama.from_hf(folder).eval()
+    apply_lora(model, ("lm_head",))
+    torch.nn.init.normal_(model.lm_head.lora_B, std=0.5)  # a non-zero adapter
+    ids = ids_for_test()
+    targets = ids.roll(-1, dims=1)
+    targets[:, -1] = -100
+    with torch.no_grad():
+        loss = model(ids, targets=targets)
+        ref = F.cross_entropy(model(ids)[:, :-1].reshape(-1, TINY["vocab_size"]), ids[:, 1:].reshape(-1),
+                              reduction="sum")
+    torch.testing.assert_close(loss, ref)
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
