@@ -173,8 +173,9 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x, cos, sin, start_pos, mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, start_pos, mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        # the residual added in place into each branch's fresh output (which no backward needs): no new tensor
+        x = self.self_attn(self.input_layernorm(x), cos, sin, start_pos, mask).add_(x)
+        return self.mlp(self.post_attention_layernorm(x)).add_(x)
 
 
 class Decoder(nn.Module):
