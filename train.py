@@ -436,7 +436,8 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 def peak_flops(device) -> float:
     """Dense bf16 peak of the GPU, for MFU; 0 where unknown."""
     name = torch.cuda.get_device_name(device) if str(device).startswith("cuda") else ""
-    for key, flops in (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40", 181e12), ("A10", 125e12)):
+    for key, flops in (("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12), ("L40", 181e12),
+                       ("A10", 125e12)):
         if key in name:
             return flops
     return 0.0

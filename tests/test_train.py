@@ -494,6 +494,29 @@ def test_too_many_bad_steps_in_a_row_stop_the_run_and_keep_the_last_good_state(s
     assert not (tmp_path / "stage0" / "model.safetensors").exists()
 
 
+def test_mfu_is_logged_where_the_peak_is_known_as_six_flops_per_parameter_and_token(synth, tmp_path, monkeypatch,
+                                                                                    capsys):
+    """MFU only shows on CUDA (the peak is known for named GPUs); here the peak is set, so the CPU run logs it."""
+    monkeypatch.setattr(train, "peak_flops", lambda device: 1e9)
+    code, err = train_main(capsys, "--stage", "0", "--data-dir", synth, "--out-dir", tmp_path, "--steps", "3",
+                           "--data", synth / "corpus.txt", "--batch-size", "4", "--seq-len", "64", "--vision-steps", "0")
+    assert code == 0, err
+    n_params = sum(t.numel() for t in load_file(tmp_path / "stage0" / "model.safetensors").values())
+    rows = metric_rows(tmp_path)
+    assert len(rows) == 3
+    for r in rows:  # PaLM's model FLOPs: 6 per parameter and token (forward 2, backward 4)
+        assert r["mfu"] == pytest.approx(r["tokens_per_s"] * 6 * n_params / 1e9, rel=1e-3)
+
+
+def test_the_gpu_peak_is_known_by_name_and_zero_elsewhere(monkeypatch):
+    names = {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 PCIe": 756e12, "NVIDIA A100-SXM4-80GB": 312e12,
+             "Tesla T4": 0.0}
+    for name, peak in names.items():
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, name=name: name)
+        assert train.peak_flops("cuda:0") == peak
+    assert train.peak_flops("cpu") == 0.0
+
+
 def test_killed_and_interrupted_runs_resume_to_the_uninterrupted_result(synth, stage0, tmp_path):
     """SIGKILL at seeded moments, some inside torch.save, and a Ctrl-C: after each, train_state.pt (when there is
     one) loads, a stale .tmp does not matter, and --resume ends with exactly the parameters of the run never stopped
