@@ -500,8 +500,11 @@ def train_stage(cfg: TrainConfig, stage: int, rank: int, world: int, device: str
         print(f"stage {stage}: {n_train / 1e6:.2f}M trainable of {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
               f"parameters, {sum(len(s) for s, _ in sources)} samples, {cfg.steps} steps of {cfg.batch_size}"
               + (f", f_V from {model.vision_source}" if getattr(model, "vision_source", None) else ""), file=sys.stderr)
+    # MFU with PaLM's model FLOPs (Chowdhery et al. 2022, appendix B): a token of a sequence of T costs 6 N (forward
+    # 2 N, backward 4 N, over all N parameters, frozen ones too) + 12 L D T (attention scores and their use in f_L)
     n_params = sum(p.numel() for p in model.parameters())
-    flops_per_token = 6 * n_params  # PaLM's estimate (attention term left out: short sequences)
+    text = model.cfg if is_llm else model.cfg.text
+    attention_flops = 12 * text.num_layers * text.hidden_size  # times T, per token
     peak = peak_flops(device) * world
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda and dtype == torch.bfloat16 else nullcontext()
     # SIGTERM or a first Ctrl-C asks to stop: the step under way finishes, then the state is saved. A second Ctrl-C
@@ -539,7 +542,7 @@ def train_stage(cfg: TrainConfig, stage: int, rank: int, world: int, device: str
             rng = random.Random(cfg.seed * 1000003 + step * world + rank)
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, cfg) * g["lr_scale"]
-            total, tokens = 0.0, 0
+            total, tokens, flops = 0.0, 0, 0
             for i in range(0, per_rank, micro):
                 last = i + micro >= per_rank
                 batch_tensors = collate(mine[i: i + micro], images, rng, device)
@@ -554,6 +557,7 @@ def train_stage(cfg: TrainConfig, stage: int, rank: int, world: int, device: str
                     loss.backward()
                 total += loss.item() / world
                 tokens += ids.numel()
+                flops += ids.numel() * (6 * n_params + attention_flops * ids.shape[1])
             # Every rank must decide alike whether to skip and whether to stop: the loss is summed over the ranks
             # (and a stop request with it), and the gradient norm comes from DDP's averaged gradients.
             agreed = torch.tensor([total, float(stop["asked"])], dtype=torch.float64, device=device)
@@ -575,7 +579,7 @@ def train_stage(cfg: TrainConfig, stage: int, rank: int, world: int, device: str
                          "lr": lr_at(step - 1, cfg), "grad_norm": round(norm, 4) if math.isfinite(norm) else None,
                          "tokens_per_s": round(tps, 1), "skipped_steps": skipped}
                 if peak:
-                    stats["mfu"] = round(tps * flops_per_token / peak, 4)
+                    stats["mfu"] = round(flops * world / dt / peak, 4)
                 log.write(json.dumps(stats) + "\n")
                 log.flush()  # readable while the run goes on (tail -f)
                 bar.set_postfix(loss=f"{total:.3f}", lr=f"{stats['lr']:.1e}", tok_s=f"{tps:.0f}",
