@@ -69,7 +69,7 @@ class TrainConfig:
     freeze_abstractor: bool = False  # stage 2: keep f_K frozen, as the released code does (the paper trains it)
     max_pixels: int = MAX_PIXELS  # an image with more pixels is skipped (and counted), refused from its header
     drill_steps: int = 300  # stage 0 of the tiny run: its first N steps train the f_L on data_dir/drill.jsonl alone (one position question about a 2-4 shape scene), where finding a shape by its name forms; 0 = none
-    vision_steps: int = 800  # stage 0 of the tiny run, after f_L: steps pre-training the tiny f_V on the labelled scenes of data_dir/scenes.jsonl (where the real recipe starts from CLIP); 0 = none
+    vision_steps: int = 1200  # stage 0 of the tiny run, after f_L: steps pre-training the tiny f_V on the labelled scenes of data_dir/scenes.jsonl (where the real recipe starts from CLIP); 0 = none
     vision_lr: float = 2e-3  # peak learning rate of that pre-training
     caption_prompt: str = "Describe the image."  # stage 1: each caption is learnt as the answer to this question about its image ("Human: <image>\nHuman: Q\nAI: caption", the chat layout stage 2 uses); "" puts the caption right after the image
     augment: bool = False  # stage-1 RandomResizedCrop + flip, as the official recipe (flips break left/right answers)
