@@ -494,15 +494,15 @@ def train_stage(cfg: TrainConfig, stage: int, rank: int, world: int, device: str
     # stage 2 mixes text-only batches, which leave f_K unused on a rank
     ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if on_cuda else None,
                                                           find_unused_parameters=stage == 2) if world > 1 else model
+    n_params = sum(p.numel() for p in model.parameters())
     if master:
         out.mkdir(parents=True, exist_ok=True)
         n_train = sum(p.numel() for p in params)
-        print(f"stage {stage}: {n_train / 1e6:.2f}M trainable of {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
+        print(f"stage {stage}: {n_train / 1e6:.2f}M trainable of {n_params / 1e6:.2f}M "
               f"parameters, {sum(len(s) for s, _ in sources)} samples, {cfg.steps} steps of {cfg.batch_size}"
               + (f", f_V from {model.vision_source}" if getattr(model, "vision_source", None) else ""), file=sys.stderr)
     # MFU with PaLM's model FLOPs (Chowdhery et al. 2022, appendix B): a token of a sequence of T costs 6 N (forward
     # 2 N, backward 4 N, over all N parameters, frozen ones too) + 12 L D T (attention scores and their use in f_L)
-    n_params = sum(p.numel() for p in model.parameters())
     text = model.cfg if is_llm else model.cfg.text
     attention_flops = 12 * text.num_layers * text.hidden_size  # times T, per token
     peak = peak_flops(device) * world

@@ -24,7 +24,7 @@ import synthetic  # noqa: E402
 import tiny  # noqa: E402
 import train  # noqa: E402
 from conftest import write_huge_png  # noqa: E402
-from llama import Tokenizer  # noqa: E402
+from llama import LlamaConfig, Tokenizer  # noqa: E402
 from owl import IMAGE_ID, Owl, render_prompt, tokenize  # noqa: E402
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -501,7 +501,8 @@ def test_mfu_is_logged_where_the_peak_is_known_with_palms_model_flops(synth, tmp
     real, lengths = train.summed_loss, []
 
     def summed_loss(model, ids, labels, pixels, shapes=None):
-        lengths.append(ids.shape[1]) if model.training else None
+        if model.training:
+            lengths.append(ids.shape[1])
         return real(model, ids, labels, pixels, shapes)
 
     monkeypatch.setattr(train, "summed_loss", summed_loss)
@@ -509,7 +510,8 @@ def test_mfu_is_logged_where_the_peak_is_known_with_palms_model_flops(synth, tmp
                            "--data", synth / "corpus.txt", "--batch-size", "4", "--seq-len", "64", "--vision-steps", "0")
     assert code == 0, err
     n_params = sum(t.numel() for t in load_file(tmp_path / "stage0" / "model.safetensors").values())
-    L, D = 4, 192  # the tiny f_L
+    text = LlamaConfig.preset("tiny")
+    L, D = text.num_layers, text.hidden_size
     rows = metric_rows(tmp_path)
     assert len(rows) == 3 and len(lengths) == 3  # one micro-batch of 4 a step
     assert len(set(lengths)) > 1  # the attention term differs from step to step
