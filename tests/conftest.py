@@ -82,3 +82,14 @@ def write_huge_png(path, width: int, height: int) -> None:
     header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # bit depth 1, greyscale, no interlace
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 16))
                      + chunk(b"IEND", b""))
+
+
+def assert_close(actual, expected, ops: int = 1, dtype=None) -> None:
+    """actual == expected up to rounding: each value may be off by `ops` roundings of the dtype (float32 unless
+    given), relative to the largest value of the reference. A sum of n products carries about sqrt(n) roundings and
+    the summation order differs between threads and kernels, so a caller passes the depth of its computation, not a
+    tolerance tuned to one machine. A real bug (a wrong layout, a missing term) is off by far more than that."""
+    dtype = dtype or (expected.dtype if expected.is_floating_point() else torch.float32)
+    scale = float(expected.detach().abs().max()) if expected.numel() else 0.0
+    atol = ops * torch.finfo(dtype).eps * scale
+    torch.testing.assert_close(actual.to(expected.dtype), expected, atol=atol, rtol=0)
