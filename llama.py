@@ -365,7 +365,7 @@ class Llama(nn.Module):
     def from_hf(cls, folder, dtype=torch.float32, device="cpu") -> "Llama":
         """An HF LLaMA folder: config.json and model.safetensors / pytorch_model.bin, single or sharded."""
         folder = Path(folder)
-        cfg = LlamaConfig.from_hf(json.loads((folder / "config.json").read_text()))
+        cfg = LlamaConfig.from_hf(read_json(folder / "config.json"))
         model = build_empty(cls, cfg)
         ignore = lambda k: k.endswith("rotary_emb.inv_freq")  # a buffer old checkpoints carry; RoPE is recomputed
         load_into(model, ((k, t) for k, t in iter_tensors(folder) if not ignore(k)), dtype, device)
@@ -375,7 +375,7 @@ class Llama(nn.Module):
     def from_meta(cls, folder, dtype=torch.float32, device="cpu") -> "Llama":
         """Meta's original layout: params.json + consolidated.*.pth (model-parallel shards are concatenated)."""
         folder = Path(folder)
-        params = json.loads((folder / "params.json").read_text())
+        params = read_json(folder / "params.json")
         shards = [torch.load(p, map_location="cpu", weights_only=True, mmap=True)
                   for p in sorted(folder.glob("consolidated.*.pth"))]
         if not shards:
@@ -443,6 +443,31 @@ def build_empty(cls, *args) -> nn.Module:
         return cls(*args)
 
 
+def read_json(path: Path) -> dict:
+    """A JSON file of a checkpoint folder; a file that is not JSON is an error that names it."""
+    try:
+        d = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path} holds a JSON {type(d).__name__}, not an object")
+    return d
+
+
+def shard_names(index: Path) -> list:
+    """The shard files an index's weight_map names, each a bare file name in the index's own folder: a downloaded
+    index must not make Owl open any other file of the machine (a name such as ../../../etc/passwd). Shards that are
+    symbolic links (the HF cache's layout) are fine: the name is checked, not where the link points."""
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{index} has no weight_map")
+    names = sorted(set(weight_map.values()), key=str)
+    for name in names:
+        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", "..") or "\\" in name:
+            raise ValueError(f"{index} names shard {name!r}, which is not a file in {index.parent}")
+    return names
+
+
 def iter_tensors(folder) -> Iterator[tuple]:
     """(key, tensor) for every tensor of an HF-style folder, shard by shard; .bin files are read weights-only."""
     from safetensors import safe_open
@@ -450,7 +475,7 @@ def iter_tensors(folder) -> Iterator[tuple]:
     folder = Path(folder)
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if (folder / index_name).exists():
-            files = sorted(set(json.loads((folder / index_name).read_text())["weight_map"].values()))
+            files = shard_names(folder / index_name)
             break
     else:
         files = [n for n in ("model.safetensors", "pytorch_model.bin") if (folder / n).exists()][:1]

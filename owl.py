@@ -1,8 +1,8 @@
 """Owl: mPLUG-Owl (Ye et al. 2023, arXiv 2304.14178) from pixels to the next token.
 
-    image ──f_V (vit.py)──> 257 patch tokens ──f_K (abstractor.py)──> 65 visual tokens ─┐
+    image ──f_V (vit.py)──> CLS + 256 patch tokens ──f_K (abstractor.py)──> 65 visual tokens ─┐
     prompt ──SentencePiece──> ids with 65 placeholders per <image> ──embed──> text embeddings ┴─splice─> f_L (llama.py)
-                                                                                                        └─> next token
+                                                                                                         └─> next token
 
 The visual tokens of each image replace the embeddings of its placeholders, in order, and the language model reads
 the result as if it were text. This file joins the three parts, owns the prompt (the template, the chunk-wise
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 
 from abstractor import AbstractorConfig, VisualAbstractor
-from llama import Llama, LlamaConfig, Tokenizer, build_empty, iter_tensors, load_into
+from llama import Llama, LlamaConfig, Tokenizer, build_empty, iter_tensors, load_into, read_json
 from vit import ImageTransform, ViTConfig, VisionTransformer
 
 # --------------------------------------------------------------------------------------------------------------
@@ -90,8 +90,21 @@ class OwlConfig:
 
     @classmethod
     def from_official(cls, d: dict) -> "OwlConfig":
-        """From an mPLUG-Owl config.json (model_type 'mplug-owl')."""
-        text = LlamaConfig.from_hf(d.get("text_config", {}))
+        """From an mPLUG-Owl config.json (model_type 'mplug-owl'), read as the official code reads it: its LLaMA
+        (transformers 4.28) has RoPE with base 10000 and no scaling whatever text_config says, SiLU as the only
+        activation we implement, untied lm_head and as many key/value heads as heads; a field that would make the
+        official model another one is refused, never followed silently."""
+        t = d.get("text_config")
+        if not isinstance(t, dict):
+            raise ValueError("config.json has no text_config (the official code cannot build its LLaMA without it)")
+        for field, ok in (("hidden_act", "silu"), ("tie_word_embeddings", False)):
+            if t.get(field, ok) != ok:
+                raise ValueError(f"text_config.{field} is {t[field]!r}; mPLUG-Owl's LLaMA has {ok!r}")
+        if t.get("num_key_value_heads") not in (None, t.get("num_attention_heads", 32)):
+            raise ValueError("text_config.num_key_value_heads differs from num_attention_heads; mPLUG-Owl's LLaMA "
+                             "has no grouped-query attention")
+        ignored = ("rope_theta", "rope_scaling", "rope_parameters")  # not read by the official LLaMA
+        text = LlamaConfig.from_hf({k: v for k, v in t.items() if k not in ignored})
         vision = ViTConfig.from_official(d.get("vision_config", {}))
         abstractor = AbstractorConfig.from_official(d.get("visual_abstractor_config", {}),
                                                     d.get("num_query_tokens", 64), text.hidden_size)
@@ -220,7 +233,7 @@ class Owl(nn.Module):
         for needed in ("config.json", "tokenizer.model"):
             if not (folder / needed).exists():
                 raise FileNotFoundError(f"checkpoint folder {folder} has no {needed}")
-        config = json.loads((folder / "config.json").read_text())
+        config = read_json(folder / "config.json")
         if config.get("model_type") != "mplug-owl":
             raise ValueError(f"{folder} holds a {config.get('model_type')!r} checkpoint, not mPLUG-Owl "
                              "(config.json model_type must be 'mplug-owl')")
@@ -234,7 +247,7 @@ class Owl(nn.Module):
                              f"{model.cfg.text.vocab_size} embeddings")
         pre = folder / "preprocessor_config.json"
         if pre.exists():
-            model.image_transform = ImageTransform.from_preprocessor_config(json.loads(pre.read_text()),
+            model.image_transform = ImageTransform.from_preprocessor_config(read_json(pre),
                                                                             model.cfg.vision.image_size)
         return model.eval()
 
@@ -271,9 +284,10 @@ class Owl(nn.Module):
         elif src is not None:
             (folder / "tokenizer.model").write_bytes(src)
         t = self.image_transform
+        S = t.image_size  # the official processor squashes to size["shortest_edge"], then resizes and crops to S
         (folder / "preprocessor_config.json").write_text(json.dumps({
-            "image_processor_type": "CLIPImageProcessor", "do_resize": True, "do_center_crop": False,
-            "size": {"height": t.image_size, "width": t.image_size}, "resample": t.resample, "do_rescale": True,
+            "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": S},
+            "do_center_crop": True, "crop_size": {"height": S, "width": S}, "resample": 3, "do_rescale": True,
             "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(t.mean), "image_std": list(t.std),
             "do_convert_rgb": True}, indent=2))
         (folder / "tokenizer_config.json").write_text(json.dumps({
@@ -475,25 +489,22 @@ def read_questions(path: str) -> List[Question]:
 
 def answer_questions(model: Owl, path: str, args) -> None:
     """Answer a questions file in batches of --batch-size, one JSON line per question, in the file's order. Image
-    paths are relative to the file's folder. Every prompt is tokenised and every image found before the first batch."""
+    paths are relative to the file's folder. Every prompt is tokenised and every image read before the first batch."""
     questions, folder = read_questions(path), Path(path).parent
     context = model.cfg.text.max_position_embeddings
     ids = [model.prompt_ids(render_prompt(q.prompt, len(q.images))) for q in questions]
     for q, q_ids in zip(questions, ids):
         if len(q_ids) >= context:
             raise UserError(f"line {q.line} of {path} is {len(q_ids)} tokens long, more than the context of {context}")
-        missing = [i for i in q.images if not (folder / i).is_file()]
-        if missing:
-            raise UserError(f"line {q.line} of {path} names image file {missing[0]}, which does not exist")
+        for image in q.images:  # read in full and let go: a bad image stops the run before any answer is out
+            try:
+                read_image(str(folder / image), args.max_pixels)
+            except UserError as e:
+                raise UserError(f"line {q.line} of {path}: {e}") from None
     gen = seeded_generator(args)
     for start in range(0, len(questions), args.batch_size):
         batch = list(zip(questions, ids))[start: start + args.batch_size]
-        prompts = []
-        for q, q_ids in batch:
-            try:
-                prompts.append((q_ids, load_images([folder / i for i in q.images], model, args)))
-            except UserError as e:  # an unreadable image is found only now: the answers so far are out already
-                raise UserError(f"line {q.line} of {path}: {e}") from None
+        prompts = [(q_ids, load_images([folder / i for i in q.images], model, args)) for q, q_ids in batch]
         answers = model.generate_batch(prompts, args.max_new_tokens, args.temperature, args.top_k, args.top_p, gen)
         for (q, _), answer in zip(batch, answers):
             record = {"image": q.images, "prompt": q.prompt, "answer": model.tokenizer.decode(answer)}
@@ -607,8 +618,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--questions", metavar="FILE.jsonl", default=None,
                    help='answer a file of questions, one {"image": [paths], "prompt": "..."} per line ("image" may be '
                         "missing or empty; paths are relative to the file's folder), in batches; prints one JSON line "
-                        '{"image", "prompt", "answer"} per question, in order. A malformed line or a missing '
-                        "image file stops the run before anything is generated, with an error naming the line (exit "
+                        '{"image", "prompt", "answer"} per question, in order. A malformed line or a missing or '
+                        "unreadable image stops the run before anything is generated, with an error naming the line (exit "
                         "2). Greedy answers (--temperature 0) equal one-at-a-time answers; sampled ones, even with "
                         "--seed, may differ from them (the batch draws from one random stream)")
     p.add_argument("--batch-size", type=int, default=8, help="questions generated together with --questions")

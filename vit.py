@@ -185,7 +185,10 @@ class VisionTransformer(nn.Module):
     def from_clip(cls, folder, dtype: torch.dtype = torch.float32) -> "VisionTransformer":
         """Build f_V from an HF CLIP checkpoint folder (e.g. openai/clip-vit-large-patch14): stage 1's starting point."""
         folder = Path(folder)
-        cfg = ViTConfig.from_clip(json.loads((folder / "config.json").read_text()))
+        try:
+            cfg = ViTConfig.from_clip(json.loads((folder / "config.json").read_text()))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{folder / 'config.json'} is not valid JSON ({e})") from None
         # a full CLIPModel also holds the text tower and projections, which f_V does not use
         sd = {k: v for k, v in read_state_dict(folder).items()
               if not k.startswith(("text_model.", "visual_projection", "text_projection", "logit_scale"))}
@@ -254,6 +257,9 @@ def read_state_dict(folder: Path) -> dict:
                                ("pytorch_model.bin.index.json", _load_bin)):
         if (folder / index_name).exists():
             files = sorted(set(json.loads((folder / index_name).read_text())["weight_map"].values()))
+            outside = [f for f in files if Path(f).name != f or f in (".", "..") or "\\" in f]
+            if outside:  # a downloaded index must not make Owl open any other file of the machine
+                raise ValueError(f"{folder / index_name} names shard {outside[0]!r}, which is not a file in {folder}")
             return {k: v for f in files for k, v in loader(folder / f).items()}
     if (folder / "model.safetensors").exists():
         return load_file(folder / "model.safetensors")
@@ -267,42 +273,45 @@ def _load_bin(path) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Image preprocessing. The released model resizes to a square with bicubic filtering and CLIP's mean/std; a
-# checkpoint's preprocessor_config.json (HF CLIPImageProcessor fields) may ask for a shortest-edge resize and a
-# centre crop instead, and is then followed the same way the official processor follows it.
+# Image preprocessing. The official processor (mPLUG-Owl/mplug_owl/processing_mplug_owl.py, MplugOwlProcessor.
+# __call__) squashes every image to size x size with bicubic filtering *before* HF's CLIPImageProcessor runs, so that
+# processor's shortest-edge resize and centre crop do not change a pixel: a non-square image is never cropped. Of
+# preprocessor_config.json only the mean and std are read; the few fields that would change the official result
+# otherwise are refused (ImageTransform.from_preprocessor_config).
 
 @dataclass
 class ImageTransform:
     image_size: int = 224  # the side of the square the ViT sees
-    resize_shortest_edge: bool = False  # False: squash to image_size x image_size, aspect ratio not kept
-    center_crop: bool = False
-    resample: int = Image.BICUBIC
     mean: tuple = CLIP_MEAN
     std: tuple = CLIP_STD
 
     @classmethod
     def from_preprocessor_config(cls, d: dict, image_size: int) -> "ImageTransform":
-        size = d.get("size", image_size)
-        shortest = isinstance(size, int) or "shortest_edge" in size
-        return cls(image_size=image_size, resize_shortest_edge=shortest and d.get("do_resize", True),
-                   center_crop=bool(d.get("do_center_crop", False)), resample=int(d.get("resample", Image.BICUBIC)),
-                   mean=tuple(d.get("image_mean", CLIP_MEAN)), std=tuple(d.get("image_std", CLIP_STD)))
+        """The mean and std of a preprocessor_config.json. The fields that would make the official processor do
+        something else (no scaling to [0, 1], no normalisation, a centre crop smaller than its square) are refused."""
+        mean, std = d.get("image_mean", CLIP_MEAN), d.get("image_std", CLIP_STD)
+        if not all(isinstance(v, (list, tuple)) and len(v) == 3 for v in (mean, std)):
+            raise ValueError("preprocessor_config.json: image_mean and image_std must be three numbers each")
+        size = d.get("size", 224)
+        side = size.get("shortest_edge", 224) if isinstance(size, dict) else size
+        crop = d.get("crop_size", 224)
+        crop = (crop.get("height"), crop.get("width")) if isinstance(crop, dict) else (crop, crop)
+        unlike = [name for name, differs in (
+            ("do_rescale", not d.get("do_rescale", True)), ("rescale_factor", d.get("rescale_factor", 1 / 255) != 1 / 255),
+            ("do_normalize", not d.get("do_normalize", True)),
+            ("crop_size", d.get("do_center_crop", True) and crop != (side, side))) if differs]
+        if unlike:
+            raise ValueError(f"preprocessor_config.json's {unlike[0]} asks for a preprocessing other than mPLUG-Owl's "
+                             "(squash to a square, scale to [0, 1], normalise)")
+        return cls(image_size, tuple(mean), tuple(std))
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        """PIL image of any mode and size -> (3, S, S) float tensor."""
-        image = image.convert("RGB")
+        """PIL image of any mode and size -> (3, S, S) float tensor: squash to S x S (bicubic), RGB, /255, mean/std.
+        The squash comes before the RGB conversion, in the image's own mode, as in the official processor: PIL
+        resizes a palette image with nearest-neighbour and an RGBA image with premultiplied alpha."""
         S = self.image_size
-        if self.resize_shortest_edge:
-            w, h = image.size
-            short, long = min(w, h), max(w, h)
-            new_long = int(S * long / short)
-            image = image.resize((S, new_long) if w <= h else (new_long, S), resample=self.resample)
-        else:
-            image = image.resize((S, S), resample=self.resample)
-        x = np.asarray(image, dtype=np.float32) / 255.0  # (H, W, 3)
-        if self.center_crop or x.shape[:2] != (S, S):
-            top, left = (x.shape[0] - S) // 2, (x.shape[1] - S) // 2
-            x = x[top: top + S, left: left + S]
+        rgb = image.resize((S, S), resample=Image.BICUBIC).convert("RGB")
+        x = np.asarray(rgb, dtype=np.float32) / 255.0  # (S, S, 3)
         x = (x - np.asarray(self.mean, dtype=np.float32)) / np.asarray(self.std, dtype=np.float32)
         return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
 

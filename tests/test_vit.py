@@ -238,11 +238,12 @@ MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 
 
-def released_preprocessing(image: Image.Image, size: int) -> np.ndarray:
-    """SPEC §2: RGB, bicubic resize to size x size (aspect ratio not kept), [0, 1], CLIP mean/std; (3, size, size)."""
-    rgb = image.convert("RGB").resize((size, size), Image.BICUBIC)
+def released_preprocessing(image: Image.Image, size: int, mean=MEAN, std=STD) -> np.ndarray:
+    """The official processor's result, written out with PIL and numpy: bicubic squash to size x size in the image's
+    own mode (MplugOwlProcessor.__call__ resizes the image as opened), then RGB, [0, 1], mean/std; (3, size, size)."""
+    rgb = image.resize((size, size), Image.BICUBIC).convert("RGB")
     x = np.array(rgb).astype(np.float32) / 255.0
-    return ((x - MEAN) / STD).transpose(2, 0, 1)
+    return ((x - np.float32(mean)) / np.float32(std)).transpose(2, 0, 1)
 
 
 def make_image(mode: str, w: int, h: int, seed: int = 0) -> Image.Image:
@@ -263,7 +264,20 @@ def test_preprocess_any_mode_and_size_gives_a_normalised_224_square(mode, w, h):
     img = make_image(mode, w, h)
     x = vit.preprocess(img, 224)
     assert x.shape == (3, 224, 224) and x.dtype == torch.float32
-    np.testing.assert_allclose(x.numpy(), released_preprocessing(img, 224), atol=1e-6, rtol=0)
+    assert np.array_equal(x.numpy(), released_preprocessing(img, 224))
+
+
+def test_an_rgba_image_is_squashed_with_its_alpha_before_the_alpha_is_dropped():
+    """PIL resizes RGBA with premultiplied alpha, so a transparent pixel's hidden colour never bleeds into its
+    neighbours; dropping the alpha first (convert, then resize) would let it."""
+    arr = np.zeros((64, 64, 4), dtype=np.uint8)
+    arr[..., 0] = 255  # red everywhere ...
+    arr[:, 32:, 3] = 255  # ... but only the right half is opaque
+    img = Image.fromarray(arr, "RGBA")
+    x = vit.preprocess(img, 24).numpy()
+    assert np.array_equal(x, released_preprocessing(img, 24))
+    converted_first = released_preprocessing(img.convert("RGB"), 24)
+    assert np.abs(x - converted_first).max() > 1.0
 
 
 def test_preprocess_squashes_instead_of_cropping():
@@ -275,22 +289,29 @@ def test_preprocess_squashes_instead_of_cropping():
     np.testing.assert_allclose(x[:, 112, 0].numpy(), white, atol=1e-4)
 
 
-CLIP_PREPROCESSOR = {  # openai/clip-vit-large-patch14's preprocessor_config.json
+HUB_PREPROCESSOR = {  # MAGAer13/mplug-owl-llama-7b's preprocessor_config.json, as the hub ships it
+    "resolution": 224, "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711],
+}
+CLIP_PREPROCESSOR = {  # openai/clip-vit-large-patch14's preprocessor_config.json: shortest edge + centre crop
     "crop_size": {"height": 224, "width": 224}, "do_center_crop": True, "do_convert_rgb": True,
     "do_normalize": True, "do_rescale": True, "do_resize": True,
     "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
     "resample": 3, "rescale_factor": 0.00392156862745098, "size": {"shortest_edge": 224},
 }
+OTHER_STATS = {**HUB_PREPROCESSOR, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.25, 0.3, 0.35]}
 
 
+@pytest.mark.parametrize("config", [HUB_PREPROCESSOR, CLIP_PREPROCESSOR, OTHER_STATS], ids=["hub", "clip", "stats"])
 @pytest.mark.parametrize("w,h", [(320, 240), (250, 401), (225, 224)])
-def test_image_transform_from_preprocessor_config_matches_hf_clip_image_processor(w, h):
-    transform = vit.ImageTransform.from_preprocessor_config(CLIP_PREPROCESSOR, 224)
-    hf = CLIPImageProcessor(**CLIP_PREPROCESSOR)
+def test_image_transform_matches_the_official_squash_then_hf_clip_image_processor(config, w, h):
+    """The official pipeline: squash to 224 x 224 bicubic, then HF's CLIPImageProcessor built from the config. Its
+    shortest-edge resize and centre crop then change nothing, so no config crops a non-square image; the mean and
+    std are the config's."""
+    transform = vit.ImageTransform.from_preprocessor_config(config, 224)
+    hf = CLIPImageProcessor(**config)
     img = make_image("RGB", w, h, seed=w)
-    ref = hf(images=img, return_tensors="np")["pixel_values"][0]
+    ref = hf(images=img.resize((224, 224), Image.BICUBIC), return_tensors="np")["pixel_values"][0]
     ours = transform(img)
     assert ours.shape == (3, 224, 224) == ref.shape
-    np.testing.assert_allclose(ours.numpy(), ref, atol=1e-5, rtol=0)
-    # and it is not the released squash: the check would notice a config that was ignored
-    assert np.abs(vit.preprocess(img, 224).numpy() - ref).max() > 1e-2
+    np.testing.assert_allclose(ours.numpy(), ref, atol=4 * np.finfo(np.float32).eps * np.abs(ref).max(), rtol=0)
