@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 
 class LayerNormFp32(nn.LayerNorm):
-    """LayerNorm computed in float32 and cast back, as the official abstractor does in bf16."""
+    """LayerNorm computed in float32 and cast back, as the official abstractor does in bf16. vit.py's norm of the
+    same name gives the same result with a shortcut for f_V's many calls; f_K's few calls keep the plain form."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps).type_as(x)

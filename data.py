@@ -58,7 +58,7 @@ def parse_owl_text(text):
 
 def _conversation(images, turns, base):
     """Validate and normalise: image tags moved to the front of their question, one per image overall, and no
-    empty answer (a sample without answer tokens has no loss, SPEC §3)."""
+    empty answer (a turn with nothing to learn is a malformed entry, not a sample)."""
     images = [images] if isinstance(images, str) else list(images or [])
     turns = [((IMAGE + "\n") * q.count(IMAGE) + q.replace(IMAGE, "").strip(), a.strip()) for q, a in turns]
     if not turns or not all(a for _, a in turns):
@@ -85,6 +85,14 @@ def _llava(d, base):
 def _alpaca(d, base):
     question = d["instruction"] + ("\n" + d["input"] if d.get("input") else "")
     return _conversation([], [(question, d["output"])], base)
+
+
+def _llava_or_alpaca(d, base):
+    """A stage-2 JSON entry in either format, told apart entry by entry: one malformed entry (the first, say) must not
+    decide how the whole file is read."""
+    if not isinstance(d, dict) or not ("conversations" in d or "instruction" in d):
+        raise ValueError('neither LLaVA ("conversations") nor Alpaca ("instruction")')
+    return (_llava if "conversations" in d else _alpaca)(d, base)
 
 
 def _caption(line, base):
@@ -126,6 +134,11 @@ def load_llava_json(path):
 
 def load_alpaca_json(path):
     return _load(path, _alpaca, jsonl=False)
+
+
+def load_instruction_json(path):
+    """Stage-2 JSON as users hold it: LLaVA entries, Alpaca entries, or both, each entry read in its own format."""
+    return _load(path, _llava_or_alpaca, jsonl=False)
 
 
 def load_captions_jsonl(path):
@@ -185,7 +198,8 @@ def document_segments(text):
 
 def build_sample(tokenizer, segments, images, tokens_per_image, seq_len, with_shapes=False):
     """Ids and labels from segments, truncated to seq_len; None when no answer token survives the cut (such a
-    sample would give a 0/0 = NaN mean loss). with_shapes (stage 0): shape marks in the prompt become shape vectors."""
+    sample costs a forward and backward and teaches nothing). A cut never keeps part of an image: the image slots
+    of a cut image go, with that image. with_shapes (stage 0): shape marks in the prompt become shape vectors."""
     ids, labels, shapes = [tokenizer.bos_id], [-100], []
     for text, is_answer in segments:
         if is_answer:
@@ -196,9 +210,8 @@ def build_sample(tokenizer, segments, images, tokens_per_image, seq_len, with_sh
                             else (tokenize(tokenizer, text, tokens_per_image), []))
             ids, labels, shapes = ids + piece, labels + [-100] * len(piece), shapes + words
     if len(ids) > seq_len:
-        cut = seq_len
-        while cut > 0 and ids[cut - 1] == IMAGE_ID and ids[cut] == IMAGE_ID:
-            cut -= 1  # never keep half an image
+        # an image's slots are contiguous: the slots left over after whole images are the start of a cut one
+        cut = seq_len - (ids[:seq_len].count(IMAGE_ID) % tokens_per_image if tokens_per_image else 0)
         ids, labels = ids[:cut], labels[:cut]
     if all(label == -100 for label in labels):
         return None
@@ -218,7 +231,7 @@ def load_training_samples(path, stage, tokenizer, tokens_per_image, seq_len, cap
     """Every usable sample of one data file, tokenised. The format follows from the stage and the file:
     stage 0 a text corpus (a sample a line, or JSONL with a "text" each); stage 1 image-caption JSONL (laid out by
     caption_segments); stage 2 the official mPLUG-Owl JSONL, LLaVA JSON (entries with "conversations") or Alpaca
-    JSON."""
+    JSON, told apart entry by entry."""
     if stage == 0 and str(path).endswith(".jsonl"):  # documents that span lines: {"text": ...} a line
         items = [(document_segments(text), []) for text in load_text_jsonl(path)]
     elif stage == 0:
@@ -227,12 +240,7 @@ def load_training_samples(path, stage, tokenizer, tokens_per_image, seq_len, cap
     elif stage == 1:
         items = [(caption_segments(text, caption_prompt), [image]) for image, text in load_captions_jsonl(path)]
     else:
-        if str(path).endswith(".jsonl"):
-            convs = load_owl_jsonl(path)
-        else:
-            with open(path) as f:
-                first = (json.load(f) or [{}])[0]
-            convs = (load_llava_json if isinstance(first, dict) and "conversations" in first else load_alpaca_json)(path)
+        convs = load_owl_jsonl(path) if str(path).endswith(".jsonl") else load_instruction_json(path)
         items = [(conversation_segments(c), c.images) for c in convs]
     present = [item for item in items if all(os.path.isfile(p) for p in item[1])]
     if len(present) < len(items):

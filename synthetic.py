@@ -1,7 +1,7 @@
 """The tiny run's synthetic world: scenes of simple shapes, their pictures, text about them, and held-out scoring.
 
 The demo trains a tiny Owl on CPU, so its data must be learnable in minutes yet exercise what the real recipe does
-(SPEC §3): stage 1 pairs images with captions (f_V and f_K learn to see, f_L frozen); stage 2 mixes multimodal
+(the paper, arXiv 2304.14178, section 3): stage 1 pairs images with captions (f_V and f_K learn to see, f_L frozen); stage 2 mixes multimodal
 instructions, in the official mPLUG-Owl JSONL and in LLaVA's JSON, with text-only ones in Alpaca's JSON (LoRA on
 f_L). synth() writes all of it in those real formats, which data.py reads back as it reads real data. Every fact
 of a scene (colour, shape, count, position) is one word, so a held-out answer can be scored by the words it contains.
@@ -234,7 +234,7 @@ def drill_chat(rng):
     of stage 0 spend all their signal on finding the shape named (measured: it forms between steps 100 and 300,
     when depends on the seed; with a description asked in a third of these chats, or the same chats in words, it had
     not formed by step 200). Drawing half of them so that another shape shares the asked one's colour made it key on
-    both words on one seed and fail on another (README, "Where it stands")."""
+    both words on one seed and fail on another."""
     scene = random_scene(rng, rng.randint(2, 4))
     s = rng.choice(scene["shapes"])
     return reading_chat(shape_marks(scene), [(rng.choice(QUESTIONS["position"]).format(**s),
@@ -248,7 +248,7 @@ def reading_chat(described, turns):
 
 
 def render_owl_text(turns):
-    """The official stage-2 "text": the canonical template of SPEC §2 with answers. Questions carry their images
+    """The official stage-2 "text": the canonical template (owl.render_prompt) with answers. Questions carry their images
     as leading "<image>\\n" tags (see Conversation); each becomes its own "Human: <image>" line."""
     return SYSTEM + "".join(render_turn(q.replace(IMAGE, "").strip(), q.count(IMAGE)) + a for q, a in turns)
 

@@ -348,3 +348,35 @@ def test_stage1_single_repeats_exactly_the_single_shape_captions(runs):
     single = _jsonl(os.path.join(folder, "stage1_single.jsonl"))
     assert single and single == [r for r in stage1 if len(scenes[r["image"]]["shapes"]) == 1]
     assert all(r["caption"].split(":")[0].endswith("1 shape") for r in single)
+
+
+@pytest.fixture(scope="module")
+def spm_tok(tokenizer_model):
+    return Tokenizer(tokenizer_model)
+
+
+@pytest.mark.parametrize("into_second", [1, 40, 64])
+def test_a_cut_inside_a_later_image_drops_that_image_and_keeps_the_sample(spm_tok, into_second):
+    """Two turns, an image each; --seq-len ends inside the second image's 65 slots. The sample keeps the first
+    image and its answer, and no slot of the second image: the model would otherwise be handed part of an image."""
+    conv = data.Conversation(["a.png", "b.png"], [("<image>\nWhat is it?", "A red circle."),
+                                                  ("<image>\nAnd this one?", "A blue square.")])
+    full = data.build_sample(spm_tok, data.conversation_segments(conv), conv.images, 65, 1024)
+    second = [i for i, t in enumerate(full.ids) if t == data.IMAGE_ID][65]  # the first slot of the second image
+    cut = data.build_sample(spm_tok, data.conversation_segments(conv), conv.images, 65, second + into_second)
+    assert cut is not None and cut.images == ["a.png"]
+    assert cut.ids == full.ids[:second] and cut.ids.count(data.IMAGE_ID) == 65
+    assert cut.labels == full.labels[:second] and spm_tok.encode("A red circle.")[0] in cut.labels
+
+
+def test_a_llava_json_whose_first_entry_is_malformed_keeps_every_good_entry(tmp_path, spm_tok):
+    """The format is told apart entry by entry: a broken first entry is skipped and counted, not taken as a sign
+    that the whole file is Alpaca."""
+    good = {"image": "a.png", "conversations": [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]}
+    entries = [{"image": "a.png", "conversation": good["conversations"]}, good, good,
+               {"instruction": "q", "output": "a"}, "a string"]
+    (tmp_path / "l.json").write_text(json.dumps(entries))
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    with pytest.warns(UserWarning, match="skipped 2 malformed of 5"):  # as the trainer reads a stage-2 file
+        samples = data.load_training_samples(tmp_path / "l.json", 2, spm_tok, 65, 512)
+    assert [s.images for s in samples] == [[str(tmp_path / "a.png")]] * 2 + [[]]

@@ -1,6 +1,6 @@
 """Owl's claims: the official checkpoint format round-trips strictly, the prompt is tokenised chunk by chunk with 65
 placeholders per image, visual tokens land in their slots, and the whole pipeline answers exactly what an independent
-reference answers: HF's CLIPVisionModel + the SPEC abstractor formulas + HF's LlamaForCausalLM, read from the saved
+reference answers: HF's CLIPVisionModel + the official abstractor's formulas + HF's LlamaForCausalLM, read from the saved
 official files, never from our modules."""
 import json
 import pickle
@@ -76,7 +76,7 @@ def test_save_then_load_gives_identical_logits(model, tmp_path, layout):
 
 
 def official_keys(cfg: dict) -> dict:
-    """Every key and shape SPEC §1 lists for an mPLUG-Owl checkpoint with these config.json sizes."""
+    """Every key and shape of an official mPLUG-Owl checkpoint for an mPLUG-Owl checkpoint with these config.json sizes."""
     v, a, t = cfg["vision_config"], cfg["visual_abstractor_config"], cfg["text_config"]
     D, I, P = v["hidden_size"], v["intermediate_size"], v["patch_size"]
     N = (v["image_size"] // P) ** 2 + 1
@@ -140,6 +140,37 @@ def test_config_json_and_weight_keys_are_the_official_ones(model, saved):
 
 
 # --- strict loading ------------------------------------------------------------------------------------------------
+
+def copy_with_config(saved, folder, **text_fields):
+    """saved, copied to folder, with text_config fields changed (None deletes the whole text_config)."""
+    folder.mkdir()
+    for f in saved.iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((saved / "config.json").read_text())
+    if text_fields.get("text_config", 1) is None:
+        del cfg["text_config"]
+    else:
+        cfg["text_config"].update(text_fields)
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+def test_rope_fields_in_config_json_are_ignored_as_the_official_llama_ignores_them(model, saved, tmp_path):
+    """transformers 4.28's LLaMA, which the official code runs on, has RoPE base 10000 and no scaling, whatever
+    text_config says: Owl computes what the official code computes."""
+    copy_with_config(saved, tmp_path / "ckpt", rope_theta=500000.0, rope_scaling={"type": "linear", "factor": 2.0})
+    ids, pixels = prompt_and_pixels(model, 1)
+    assert torch.equal(logits_of(Owl.from_pretrained(tmp_path / "ckpt"), ids, pixels), logits_of(model, ids, pixels))
+
+
+@pytest.mark.parametrize("fields,named", [(dict(num_key_value_heads=2), "num_key_value_heads"),
+                                          (dict(tie_word_embeddings=True), "tie_word_embeddings"),
+                                          (dict(hidden_act="gelu"), "hidden_act"),
+                                          (dict(text_config=None), "text_config")])
+def test_a_text_config_that_makes_another_model_is_refused_naming_the_field(saved, tmp_path, fields, named):
+    copy_with_config(saved, tmp_path / "ckpt", **fields)
+    with pytest.raises(ValueError, match=named):
+        Owl.from_pretrained(tmp_path / "ckpt")
+
 
 def edited_checkpoint(saved, tmp_path, edit) -> None:
     """A copy of the saved checkpoint whose tensors went through edit(dict)."""
@@ -244,8 +275,8 @@ def test_visual_tokens_fill_their_image_slots_in_order(model):
     first, second = slots.nonzero().flatten().split(65)
     assert first[-1] < second[0] and (second[0] - first[-1]) > 1  # two separate runs
     assert not torch.allclose(visual[0], visual[1], atol=1e-3)  # the images differ, so the order is visible
-    torch.testing.assert_close(embeds[first], visual[0], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(embeds[second], visual[1], rtol=1e-5, atol=1e-6)
+    assert_close(embeds[first], visual[0], ops=16)
+    assert_close(embeds[second], visual[1], ops=16)
     assert torch.equal(embeds[~slots], text[~slots])
 
 
@@ -289,7 +320,7 @@ def reference_vit(sd: dict, cfg: dict, pixels: torch.Tensor) -> torch.Tensor:
 
 
 def reference_abstractor(sd: dict, cfg: dict, x: torch.Tensor) -> torch.Tensor:
-    """f_K written out from SPEC §1.2 with plain torch ops on the official keys."""
+    """f_K written out from the official layer with plain torch ops on the official keys."""
     a = cfg["visual_abstractor_config"]
     H, B = a["num_attention_heads"], x.shape[0]
     q = sd["query_tokens"].expand(B, -1, -1)
@@ -323,7 +354,7 @@ def reference_llama(sd: dict, cfg: dict):
 
 
 def reference_prompt_ids(sp, question: str, n_images: int, num_query_tokens: int) -> list:
-    """SPEC §2 from scratch: BOS once, each chunk between <image> tags encoded alone, num_query_tokens + 1 slots."""
+    """The official processor's tokenisation from scratch: BOS once, each chunk between <image> tags encoded alone, num_query_tokens + 1 slots."""
     text = ("The following is a conversation between a curious human and AI assistant. The assistant gives helpful, "
             "detailed, and polite answers to the user's questions." + "\nHuman: <image>" * n_images +
             f"\nHuman: {question}\nAI: ")

@@ -1,5 +1,5 @@
 """f_V's claims, each checked against an independent reference: HF's CLIPVisionModel, HF's CLIPImageProcessor, or
-the SPEC formula written out here with plain torch / numpy / PIL (never our own code against itself)."""
+the official formula written out here with plain torch / numpy / PIL (never our own code against itself)."""
 import re
 
 import numpy as np
@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPVisionConfig, CLIPVisionModel
 
 import vit
+from conftest import assert_close
 
 TINY_CLIP = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, image_size=32,
                  patch_size=8, hidden_act="quick_gelu")
@@ -52,7 +53,7 @@ def test_vit_matches_hf_clip_vision_model(tmp_path):
         out = ours(pixels)
     ref = hf_reference(hf, pixels)
     assert out.shape == ref.shape == (2, 1 + (32 // 8) ** 2, 64)
-    torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
+    assert_close(out, ref, ops=64)
 
 
 def test_vit_from_full_clip_model_uses_only_the_vision_tower(tmp_path):
@@ -68,7 +69,7 @@ def test_vit_from_full_clip_model_uses_only_the_vision_tower(tmp_path):
     pixels = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         ref = hf.vision_model.post_layernorm(hf.vision_model(pixel_values=pixels).last_hidden_state)
-        torch.testing.assert_close(ours(pixels), ref, atol=1e-4, rtol=0)
+        assert_close(ours(pixels), ref, ops=64)
 
 
 def test_clip_layer_norm_eps_is_read_from_the_config(tmp_path):
@@ -85,7 +86,7 @@ def test_clip_layer_norm_eps_is_read_from_the_config(tmp_path):
     ours = vit.VisionTransformer.from_clip(tmp_path / "odd").eval()
     pixels = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
-        torch.testing.assert_close(ours(pixels), hf_reference(odd, pixels), atol=1e-4, rtol=0)
+        assert_close(ours(pixels), hf_reference(odd, pixels), ops=64)
     # the same weights with a fixed eps would not match: the comparison above sees the eps
     for m in ours.modules():
         if isinstance(m, torch.nn.LayerNorm):
@@ -173,7 +174,7 @@ def test_fused_qkv_is_head_interleaved_not_three_blocks():
         attn.dense.bias.copy_(bo)
         attn.query_key_value.weight.copy_(w_fused)
         attn.query_key_value.bias.copy_(b_fused)
-        torch.testing.assert_close(attn(x), expected, atol=1e-5, rtol=0)
+        assert_close(attn(x), expected, ops=32)
 
         # the same weights packed as three blocks give a different result: the test sees the layout
         attn.query_key_value.weight.copy_(torch.cat([wq, wk, wv]))
@@ -183,7 +184,7 @@ def test_fused_qkv_is_head_interleaved_not_three_blocks():
 
 # --- shapes of the released model -----------------------------------------------------------------------------------
 
-SPEC_VIT_L14 = {  # SPEC §1.1, prefix `vision_model.` dropped
+SPEC_VIT_L14 = {  # the released checkpoint's f_V keys, prefix `vision_model.` dropped
     "embeddings.cls_token": (1, 1, 1024),
     "embeddings.patch_embed.weight": (1024, 3, 14, 14),
     "embeddings.position_embedding": (1, 257, 1024),
@@ -227,7 +228,7 @@ def test_cls_token_comes_first_and_patches_are_row_major():
     ln = emb.pre_layernorm
     expected = F.layer_norm(x, (16,), ln.weight, ln.bias, cfg.layer_norm_eps)
     with torch.no_grad():
-        torch.testing.assert_close(emb(pixels), expected, atol=1e-5, rtol=0)
+        assert_close(emb(pixels), expected, ops=32)
         # a column-major flattening would give a different sequence
         assert (emb(pixels.transpose(2, 3)) - expected).abs().max() > 1e-2
 
