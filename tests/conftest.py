@@ -7,6 +7,9 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The tests compare CPU runs with CPU references; on a machine with a GPU, Owl's CLI and trainer would pick it by
+# default. Hidden before anything asks CUDA, for this process and every subprocess it starts.
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 SPM_TEXT = [
     "The following is a conversation between a curious human and AI assistant.",
