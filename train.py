@@ -36,7 +36,7 @@ from tqdm import tqdm
 import data
 import lora
 import tiny
-from llama import Llama, Tokenizer
+from llama import Llama, RMSNorm, Tokenizer
 from owl import MAX_PIXELS, Owl, OwlConfig, UserError, read_image
 from vit import VisionTransformer
 
@@ -58,8 +58,8 @@ class TrainConfig:
     lr: float = 0.0  # peak learning rate; 0 = the stage's default
     abstractor_lr_scale: float = 3.0  # f_K's lr as a multiple of --lr (1 = one lr for all, as released)
     warmup: int = 0  # warm-up steps (linear), then cosine to lr/10; 0 = 5% of the steps
-    weight_decay: float = 0.01  # AdamW decoupled weight decay on matrices (not on norms, biases, queries)
-    grad_clip: float = 1.0  # clip the global gradient norm to this
+    weight_decay: float = 0.01  # AdamW decoupled weight decay on every parameter but biases and norm weights (queries too), the rule of the HF Trainer the released code trains with
+    grad_clip: float = 1.0  # clip the global gradient norm to this; 0 = no clipping (the norm is still logged)
     max_bad_steps: int = 10  # a NaN or infinite loss or gradient norm skips the step; this many in a row stop the run
     seq_len: int = 256  # tokens per sample, longer ones are truncated
     lora_r: int = 8  # LoRA rank (stage 2), as released
@@ -300,6 +300,10 @@ class ImageCache:
             self.cache[path] = self.transform(read_image(path, self.max_pixels)).half()
         return self.cache[path].float()
 
+    def blank(self, path: str, rng: random.Random) -> torch.Tensor:
+        """A black image in the place of one that cannot be read, for a micro-batch that must still run."""
+        return torch.zeros(3, self.transform.image_size, self.transform.image_size)
+
 
 def collate(samples, images: ImageCache, rng, device):
     """Pad a micro-batch (right, label -100): ids, labels, pixels (or None) and the word ids of stage 0's shape
@@ -383,8 +387,8 @@ def differences(saved: dict, now: dict, prefix: str = "") -> list:
     return out
 
 
-def resume_from(path: Path, signature: dict, model, opt) -> tuple:
-    """Put back the trainable parameters, the optimizer and the random state saved in train_state.pt; returns
+def resume_from(path: Path, signature: dict, model, opt, rank: int = 0, device: str = "cpu") -> tuple:
+    """Put back the trainable parameters, the optimizer and this rank's random state saved in train_state.pt; returns
     (step, skipped steps). A state made with other settings is refused, naming each difference."""
     if not path.exists():
         print(f"train: --resume: there is no {path} yet, so the stage starts at step 0", file=sys.stderr)
@@ -405,7 +409,11 @@ def resume_from(path: Path, signature: dict, model, opt) -> tuple:
         for n, t in state["trainable"].items():
             named[n].copy_(t)
     opt.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"])
+    rngs = state["rng"] if isinstance(state["rng"], list) else [{"cpu": state["rng"], "cuda": None}]  # an older file
+    mine = rngs[min(rank, len(rngs) - 1)]
+    torch.set_rng_state(mine["cpu"])
+    if mine["cuda"] is not None and str(device).startswith("cuda"):
+        torch.cuda.set_rng_state(mine["cuda"], device)
     return state["step"], state["skipped"]
 
 
@@ -423,6 +431,28 @@ def open_log(path: Path, step: int):
     log = open(path, "w")
     log.write("".join(kept))
     return log
+
+
+def param_groups(model, cfg: TrainConfig) -> list:
+    """AdamW's groups of the trainable parameters, each with its weight decay and its multiple of the lr.
+
+    Weight decay goes on every parameter but biases and the weights of norms: the rule of the HF Trainer that the
+    released stage 2 trains with (mPLUG-Owl/pipeline/train.py, weight decay 1e-4 on the LoRA matrices it trains). So
+    f_K's query tokens and vit_eos, and f_V's class token and position embeddings, are decayed like any matrix.
+    f_K runs at --abstractor-lr-scale times the lr: the tiny run's from-scratch f_V is unstable above lr 1e-3, while
+    f_K learns faster at a higher rate (position accuracy of stage-1 captions 51% -> 99% with f_K at 3x)."""
+    no_decay = {id(p) for m in model.modules() if isinstance(m, (torch.nn.LayerNorm, RMSNorm))
+                for p in m.parameters(recurse=False)}
+    no_decay |= {id(p) for name, p in model.named_parameters() if name.rsplit(".", 1)[-1] == "bias"}
+    in_fk = {id(p) for p in model.abstractor.parameters()} if isinstance(model, Owl) else set()
+    groups = []
+    for fk, scale in ((False, 1.0), (True, cfg.abstractor_lr_scale)):
+        for decayed in (True, False):
+            mine = [p for p in model.parameters()
+                    if p.requires_grad and (id(p) in in_fk) == fk and (id(p) not in no_decay) == decayed]
+            if mine:
+                groups.append({"params": mine, "weight_decay": cfg.weight_decay if decayed else 0.0, "lr_scale": scale})
+    return groups
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -474,26 +504,29 @@ def train_stage(cfg: TrainConfig, stage: int, rank: int, world: int, device: str
     transform = None if is_llm else model.image_transform
     images = ImageCache(transform, cfg.augment and stage == 1, cfg.max_pixels)
     params = [p for p in model.parameters() if p.requires_grad]
-    # The tiny run's from-scratch f_V is unstable above lr 1e-3, while f_K learns faster at a higher rate (measured:
-    # position accuracy of stage-1 captions 51% -> 99% with f_K at 3x), hence a separate scale for f_K.
-    in_fk = {id(p) for p in model.abstractor.parameters()} if isinstance(model, Owl) else set()
-    groups = []
-    for fk, scale in ((False, 1.0), (True, cfg.abstractor_lr_scale)):
-        mine = [p for p in params if (id(p) in in_fk) == fk]
-        groups += [{"params": [p for p in mine if p.dim() >= 2], "weight_decay": cfg.weight_decay, "lr_scale": scale},
-                   {"params": [p for p in mine if p.dim() < 2], "weight_decay": 0.0, "lr_scale": scale}]
-    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.95), fused=on_cuda)
+    opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=(0.9, 0.95), fused=on_cuda)
     model_cfg = asdict(model.cfg)
     signature = run_signature(cfg, stage, model_cfg)
     step, skipped, state_path = 0, 0, out / "train_state.pt"
     if cfg.resume:
-        step, skipped = resume_from(state_path, signature, model, opt)
+        step, skipped = resume_from(state_path, signature, model, opt, rank, device)
         if master and step:
             print(f"resuming stage {stage} at step {step}", file=sys.stderr)
     saved_at = step if step else None  # the step train_state.pt holds
-    # stage 2 mixes text-only batches, which leave f_K unused on a rank
-    ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if on_cuda else None,
-                                                          find_unused_parameters=stage == 2) if world > 1 else model
+    # f_V's and f_K's trained parameters, which a micro-batch without images (stage 2's text-only instructions) leaves
+    # out; they get a zero gradient then (below), so that every backward reaches every trained parameter
+    idle = [] if is_llm else [p for part in (model.vision_model, model.abstractor) for p in part.parameters()
+                              if p.requires_grad]
+    ddp_model = model
+    if world > 1:
+        # as every backward reaches every trained parameter, DDP needs no search for unused ones (a graph traversal
+        # each step, and a warning each run where it finds none)
+        ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if on_cuda else None)
+        # DDP copies each gradient into a flat bucket laid out as its parameter. The gradient of a (1, 1, D) parameter
+        # (vit_eos, cls_token) can come as a slice of a larger gradient, with other strides, which DDP copies with a
+        # warning: it is given the parameter's layout first.
+        for p in params:
+            p.register_hook(lambda g, p=p: g if g.stride() == p.stride() else torch.empty_like(p).copy_(g))
     n_params = sum(p.numel() for p in model.parameters())
     if master:
         out.mkdir(parents=True, exist_ok=True)
@@ -519,9 +552,13 @@ def train_stage(cfg: TrainConfig, stage: int, rank: int, world: int, device: str
 
     def save_state():
         nonlocal saved_at
+        # the random state of every rank (dropout, augmentation), CPU and CUDA, so that each resumes its own stream
+        rngs = [{"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if on_cuda else None}] * world
+        if world > 1:
+            dist.all_gather_object(rngs, rngs[0])
         if master:
             atomic_save({"signature": signature, "trainable": trainable_state(model), "optimizer": opt.state_dict(),
-                         "step": step, "skipped": skipped, "rng": torch.get_rng_state()}, state_path)
+                         "step": step, "skipped": skipped, "rng": rngs}, state_path)
         saved_at = step
 
     model.train()
@@ -545,26 +582,34 @@ def train_stage(cfg: TrainConfig, stage: int, rank: int, world: int, device: str
             total, tokens, flops = 0.0, 0, 0
             for i in range(0, per_rank, micro):
                 last = i + micro >= per_rank
-                batch_tensors = collate(mine[i: i + micro], images, rng, device)
-                if batch_tensors is None:  # every sample of this micro-batch unreadable
-                    continue
+                batch_tensors, weight = collate(mine[i: i + micro], images, rng, device), 1.0
+                if batch_tensors is None:
+                    # Every image of this micro-batch unreadable: its samples still go through, with blank images and
+                    # no weight, since every rank must run each backward that DDP synchronises, or the others wait.
+                    batch_tensors, weight = collate(mine[i: i + micro], images.blank, rng, device), 0.0
                 ids, labels, pixels, shapes = batch_tensors
                 sync = nullcontext() if last or world == 1 else ddp_model.no_sync()
                 with sync, autocast:
                     # the sum over this micro-batch / the target count of the whole global batch, times the ranks
                     # DDP averages over: the same gradient as one process on the whole batch
-                    loss = summed_loss(ddp_model, ids, labels, pixels, shapes) * world / max(1, n_targets)
+                    loss = summed_loss(ddp_model, ids, labels, pixels, shapes) * (weight * world / max(1, n_targets))
+                    if pixels is None and idle:
+                        # DDP waits in each backward for the gradient of every trained parameter: f_V's and f_K's
+                        # get a zero one here (and so a step with no image at all moves them as AdamW moves any
+                        # parameter with a zero gradient, by momentum and weight decay, on one rank as on many)
+                        loss = loss + sum(p.sum() for p in idle) * 0.0
                     loss.backward()
                 total += loss.item() / world
                 tokens += ids.numel()
                 flops += ids.numel() * (6 * n_params + attention_flops * ids.shape[1])
             # Every rank must decide alike whether to skip and whether to stop: the loss is summed over the ranks
-            # (and a stop request with it), and the gradient norm comes from DDP's averaged gradients.
-            agreed = torch.tensor([total, float(stop["asked"])], dtype=torch.float64, device=device)
+            # (and a stop request with it, and the unreadable images to count), and the gradient norm comes from
+            # DDP's averaged gradients.
+            agreed = torch.tensor([total, float(stop["asked"]), images.failed], dtype=torch.float64, device=device)
             if world > 1:
                 dist.all_reduce(agreed)
-            total, stopping = agreed[0].item(), agreed[1].item() > 0
-            norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+            total, stopping, bad_images = agreed[0].item(), agreed[1].item() > 0, int(agreed[2].item())
+            norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or math.inf))
             if math.isfinite(total) and math.isfinite(norm):
                 opt.step()
                 bad_in_a_row = 0
@@ -577,7 +622,7 @@ def train_stage(cfg: TrainConfig, stage: int, rank: int, world: int, device: str
                 tps = tokens * world / dt
                 stats = {"stage": stage, "step": step, "loss": round(total, 4) if math.isfinite(total) else None,
                          "lr": lr_at(step - 1, cfg), "grad_norm": round(norm, 4) if math.isfinite(norm) else None,
-                         "tokens_per_s": round(tps, 1), "skipped_steps": skipped}
+                         "tokens_per_s": round(tps, 1), "skipped_steps": skipped, "bad_images": bad_images}
                 if peak:
                     stats["mfu"] = round(flops * world / dt / peak, 4)
                 log.write(json.dumps(stats) + "\n")
@@ -585,7 +630,7 @@ def train_stage(cfg: TrainConfig, stage: int, rank: int, world: int, device: str
                 bar.set_postfix(loss=f"{total:.3f}", lr=f"{stats['lr']:.1e}", tok_s=f"{tps:.0f}",
                                 **({"mfu": f"{stats['mfu']:.1%}"} if peak else {}),
                                 **({"skipped": skipped} if skipped else {}),
-                                **({"bad_images": images.failed} if images.failed else {}))
+                                **({"bad_images": bad_images} if bad_images else {}))
                 bar.update(1)
             # only after a good step, so that train_state.pt always holds the state a good step left
             if cfg.save_every and step % cfg.save_every == 0 and not bad_in_a_row:
