@@ -513,14 +513,13 @@ def train_stage(cfg: TrainConfig, stage: int, rank: int, world: int, device: str
         if master and step:
             print(f"resuming stage {stage} at step {step}", file=sys.stderr)
     saved_at = step if step else None  # the step train_state.pt holds
-    # f_V's and f_K's trained parameters, which a micro-batch without images (stage 2's text-only instructions) leaves
-    # out; they get a zero gradient then (below), so that every backward reaches every trained parameter
+    # the trained parameters that a micro-batch without images (stage 2's text-only instructions) leaves out
     idle = [] if is_llm else [p for part in (model.vision_model, model.abstractor) for p in part.parameters()
                               if p.requires_grad]
     ddp_model = model
     if world > 1:
-        # as every backward reaches every trained parameter, DDP needs no search for unused ones (a graph traversal
-        # each step, and a warning each run where it finds none)
+        # every backward reaches every trained parameter (idle ones get a zero gradient), so DDP needs no search
+        # for unused ones: a graph traversal each step, and a warning each run where it finds none
         ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if on_cuda else None)
         # DDP copies each gradient into a flat bucket laid out as its parameter. The gradient of a (1, 1, D) parameter
         # (vit_eos, cls_token) can come as a slice of a larger gradient, with other strides, which DDP copies with a
