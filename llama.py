@@ -9,6 +9,7 @@ Module names equal HF's LlamaForCausalLM keys, so an HF checkpoint loads one to 
 layout). Meta's original `consolidated.*.pth` layout is converted on load (the q/k row permutation).
 """
 import json
+import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Iterator, List, Optional
@@ -97,30 +98,66 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
+def _row_blocks(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """w @ x with w cut into one block of rows per thread, multiplied as a batch: each thread streams its own block."""
+    k = torch.get_num_threads()
+    n, d = w.shape
+    return torch.bmm(x.view(1, 1, d).expand(k, 1, d), w.view(k, n // k, d).transpose(1, 2)).view(n)
+
+
+# The kernels that can multiply a weight (n, d) by one vector (d,); all give w @ x, in different summation orders.
+DECODE_KERNELS = {
+    "F.linear": lambda w, x: F.linear(x.view(1, -1), w).view(-1),  # MKL (fp32) or oneDNN (bf16); a 1-D x would be mv
+    "torch.mv": lambda w, x: torch.mv(w, x),  # PyTorch's own matrix-vector kernel
+    "row blocks": _row_blocks,  # only where the rows split evenly over the threads
+}
+DECODE_CHOICE = {}  # (weight shape, dtype, threads) -> the name of the kernel timed fastest on this machine
+
+
+def time_decode_kernels(w: torch.Tensor) -> dict:
+    """Seconds per call of each kernel that applies to w: the best of 3 rounds (a first call's set-up or another
+    process can only slow a round down). A decode step reads each weight from memory, not from a cache, so a small
+    weight is timed over copies of it (up to 16, 64 MiB in all)."""
+    k = torch.get_num_threads()
+    names = [name for name in DECODE_KERNELS if name != "row blocks" or w.shape[0] % k == 0]
+    ws = [w] + [w.clone() for _ in range(min(15, (64 << 20) // (w.numel() * w.element_size()) - 1))]
+    x = torch.randn(w.shape[1], dtype=w.dtype)
+    seconds = {name: [] for name in names}
+    for _ in range(3):
+        for name in names:  # in turn, so that a slow moment of the machine does not fall on one kernel only
+            start = time.perf_counter()
+            for v in ws:
+                DECODE_KERNELS[name](v, x)
+            seconds[name].append((time.perf_counter() - start) / len(ws))
+    return {name: min(s) for name, s in seconds.items()}
+
+
+def decode_kernel(w: torch.Tensor) -> str:
+    """The name of the fastest kernel for w's shape, dtype and thread count, timed on its first use."""
+    key = (tuple(w.shape), w.dtype, torch.get_num_threads())
+    if key not in DECODE_CHOICE:
+        seconds = time_decode_kernels(w)
+        DECODE_CHOICE[key] = min(seconds, key=seconds.get)
+    return DECODE_CHOICE[key]
+
+
 class Linear(nn.Linear):
-    """nn.Linear (same parameter, same state-dict key) with faster paths for one row on CPU (a decode step).
+    """nn.Linear (same parameter, same state-dict key) with a faster path for one row on CPU (a decode step).
 
     A decode step multiplies every weight matrix by a single vector, so its speed is the rate at which the weights
-    stream from memory. F.linear does not reach it for one row:
-    - float32: MKL's matrix-vector kernel runs on one core on some CPUs (~17 GB/s on a 2-core AMD EPYC, half of
-      what the machine streams). Cut the matrix into one block of rows per thread and multiply the blocks as a batch
-      (bmm), and each thread streams its own block: 1.6x the bandwidth there, bit-identical output.
-    - bfloat16: F.linear goes to oneDNN, which re-packs the weight on every call. torch.mv runs PyTorch's own
-      matrix-vector kernel (float32 sums, rows spread over the threads): 1.3-1.8x oneDNN's rate on an Intel Xeon
-      with AMX (bench.py measures both).
+    stream from memory, and which kernel streams fastest depends on the CPU: MKL's fp32 matrix-vector kernel runs on
+    one core on a 2-core AMD EPYC (row blocks in a bmm use both), oneDNN re-packs a bf16 weight on every call and
+    beats torch.mv there but not on an Intel Xeon with AMX. So the candidates are timed on this machine, once per
+    shape, dtype and thread count (decode_kernel; bench.py shows each one's rate), and the fastest is used.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, d = self.weight.shape
-        if x.numel() != d or x.device.type != "cpu" or self.bias is not None or torch.is_grad_enabled():
+        if (x.numel() != d or x.device.type != "cpu" or self.bias is not None or torch.is_grad_enabled()
+                or torch.compiler.is_compiling()):  # nothing is timed under autograd or inside a compiled graph
             return F.linear(x, self.weight, self.bias)
-        if x.dtype == torch.bfloat16:
-            return torch.mv(self.weight, x.reshape(d)).reshape(*x.shape[:-1], n)
-        k = torch.get_num_threads()
-        if x.dtype != torch.float32 or k == 1 or n % k:
-            return F.linear(x, self.weight)
-        blocks = self.weight.view(k, n // k, d).transpose(1, 2)  # (k, d, n/k), no copy
-        return torch.bmm(x.reshape(1, 1, d).expand(k, 1, d), blocks).reshape(*x.shape[:-1], n)
+        kernel = DECODE_KERNELS[decode_kernel(self.weight)]
+        return kernel(self.weight, x.reshape(d)).reshape(*x.shape[:-1], n)
 
 
 class Attention(nn.Module):

@@ -12,6 +12,7 @@ from transformers import LlamaConfig as HFLlamaConfig
 from transformers import LlamaForCausalLM
 
 import llama
+from conftest import assert_close
 from llama import ChunkedCrossEntropy, Linear, Llama, Tokenizer, sample
 from lora import apply_lora
 
@@ -44,6 +45,13 @@ def ids_for_test(B=2, T=12, seed=1) -> torch.Tensor:
     return torch.randint(3, TINY["vocab_size"], (B, T), generator=torch.Generator().manual_seed(seed))
 
 
+def roundings(dtype=torch.float32) -> int:
+    """How many roundings a logit of TINY may differ by between two correct computations (conftest.assert_close's
+    ops): 6 matrix products in series per layer and the lm_head, each output off by ~sqrt(96) float32 roundings of
+    its sum, or by one bf16 rounding (bf16 products are summed in float32)."""
+    return (6 * TINY["num_hidden_layers"] + 1) * (10 if dtype == torch.float32 else 1)
+
+
 @pytest.fixture(params=[4, 2], ids=["mha", "gqa"])
 def hf_and_folder(request, tmp_path):
     hf = tiny_hf_llama(num_kv_heads=request.param)
@@ -57,7 +65,7 @@ def test_llama_logits_match_hf_llama_for_causal_lm(hf_and_folder):
     hf, folder = hf_and_folder
     model = Llama.from_hf(folder).eval()
     ids = ids_for_test()
-    torch.testing.assert_close(ours_logits(model, ids), hf_logits(hf, ids), atol=1e-4, rtol=0)
+    assert_close(ours_logits(model, ids), hf_logits(hf, ids), ops=roundings())
 
 
 def test_llama_input_embeddings_path_equals_token_ids(hf_and_folder):
@@ -68,7 +76,7 @@ def test_llama_input_embeddings_path_equals_token_ids(hf_and_folder):
     with torch.no_grad():
         out = model(inputs_embeds=model.model.embed_tokens(ids))
         ref = hf(inputs_embeds=hf.model.embed_tokens(ids)).logits
-    torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
+    assert_close(out, ref, ops=roundings())
 
 
 def test_20_greedy_tokens_equal_hf_generate(hf_and_folder):
@@ -94,7 +102,7 @@ def test_kv_cache_decoding_equals_one_full_forward(hf_and_folder):
         steps = [model(ids[:, :8], start_pos=0), model(ids[:, 8:13], start_pos=8)]
         steps += [model(ids[:, t:t + 1], start_pos=t) for t in range(13, 16)]
     model.clear_cache()
-    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
+    assert_close(torch.cat(steps, dim=1), full, ops=roundings())
 
 
 def test_last_only_gives_the_last_row_of_the_full_logits(hf_and_folder):
@@ -105,16 +113,37 @@ def test_last_only_gives_the_last_row_of_the_full_logits(hf_and_folder):
     with torch.no_grad():
         last = model(ids, last_only=True)
     assert last.shape == (2, 1, TINY["vocab_size"])
-    torch.testing.assert_close(last, ours_logits(model, ids)[:, -1:], atol=1e-5, rtol=0)
+    assert_close(last, ours_logits(model, ids)[:, -1:], ops=roundings())
 
 
-def test_a_bf16_decode_step_on_cpu_runs_torch_mv_and_matches_the_full_forward(hf_and_folder, monkeypatch):
-    """One bf16 token multiplies every weight matrix by a vector through torch.mv (PyTorch's own kernel, not
-    oneDNN's); a prompt of several tokens keeps F.linear. The step gives the full forward's logits."""
-    calls, mv = [], torch.mv
-    monkeypatch.setattr(torch, "mv", lambda w, x: calls.append(tuple(w.shape)) or mv(w, x))
+@pytest.fixture
+def two_threads():
+    """Two torch threads, so that the row-blocks kernel really cuts every weight of TINY (even row counts) in two."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def force_decode_kernel(monkeypatch, forced: str) -> list:
+    """Make every Linear pick `forced` (injected timings: it is the fastest); returns the shapes it is called on."""
+    calls, kernel = [], llama.DECODE_KERNELS[forced]
+    monkeypatch.setattr(llama, "DECODE_CHOICE", {})
+    monkeypatch.setattr(llama, "time_decode_kernels", lambda w: {name: float(name != forced) for name in llama.DECODE_KERNELS})
+    monkeypatch.setitem(llama.DECODE_KERNELS, forced, lambda w, x: calls.append(tuple(w.shape)) or kernel(w, x))
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("kernel", list(llama.DECODE_KERNELS))
+def test_a_decode_step_on_cpu_through_each_kernel_matches_the_full_forward(hf_and_folder, monkeypatch, two_threads,
+                                                                          kernel, dtype):
+    """One token multiplies every weight matrix by a vector through the kernel chosen for its shape (here each
+    kernel in turn); a prompt of several tokens keeps F.linear's matrix product. The step gives the full forward's
+    logits up to rounding."""
+    calls = force_decode_kernel(monkeypatch, kernel)
     _, folder = hf_and_folder
-    model = Llama.from_hf(folder, dtype=torch.bfloat16).eval()
+    model = Llama.from_hf(folder, dtype=dtype).eval()
     ids = ids_for_test(B=1, T=9)
     with torch.no_grad():
         full = model(ids)
@@ -125,7 +154,58 @@ def test_a_bf16_decode_step_on_cpu_runs_torch_mv_and_matches_the_full_forward(hf
         model.clear_cache()
     linears = [tuple(m.weight.shape) for m in model.modules() if isinstance(m, Linear)]
     assert sorted(calls) == sorted(linears) and len(linears) == 7 * TINY["num_hidden_layers"] + 1
-    torch.testing.assert_close(step, full[:, -1:], atol=0.05, rtol=0.02)
+    assert_close(step, full[:, -1:], ops=roundings(dtype))
+
+
+def test_the_decode_kernel_is_the_fastest_one_timed_once_per_shape_dtype_and_thread_count(monkeypatch):
+    """The choice follows the timings (injected here), is kept for that shape, dtype and thread count, and nothing
+    is timed with autograd on, for more than one row, or while torch.compile traces."""
+    timed, seconds = [], {"F.linear": 3e-6, "torch.mv": 1e-6, "row blocks": 2e-6}
+    monkeypatch.setattr(llama, "DECODE_CHOICE", {})
+    monkeypatch.setattr(llama, "time_decode_kernels", lambda w: timed.append((tuple(w.shape), w.dtype)) or dict(seconds))
+    layer, x, k = Linear(64, 96, bias=False), torch.randn(1, 1, 64), torch.get_num_threads()
+    with torch.no_grad():
+        layer(x)
+        layer(x[0, 0])
+        Linear(64, 96, bias=False)(x)  # another layer of the same shape: not timed again
+        seconds["row blocks"] = 0.5e-6
+        Linear(64, 32, bias=False)(x)
+        layer.to(torch.bfloat16)(x.bfloat16())
+        layer.float()
+        torch.set_num_threads(k + 1)
+        try:
+            layer(x)
+        finally:
+            torch.set_num_threads(k)
+        other = Linear(64, 48, bias=False)  # a shape not timed yet, which none of these three times
+        other(torch.randn(3, 64))
+        with monkeypatch.context() as m:
+            m.setattr(torch.compiler, "is_compiling", lambda: True)
+            other(x)
+    assert other(x).requires_grad  # with autograd on it is nn.Linear's own forward
+    assert llama.DECODE_CHOICE == {((96, 64), torch.float32, k): "torch.mv", ((32, 64), torch.float32, k): "row blocks",
+                                   ((96, 64), torch.bfloat16, k): "row blocks", ((96, 64), torch.float32, k + 1): "row blocks"}
+    assert len(timed) == 4
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_every_decode_kernel_is_w_times_x_whatever_the_thread_count(threads, dtype):
+    """Each kernel gives w @ x up to the rounding of its sums (64 products; bf16 ones are summed in float32 and
+    rounded once), and the timing offers row blocks only where the rows split evenly over the threads."""
+    torch.manual_seed(0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for rows in (96, 97):
+            w, x = torch.randn(rows, 64, dtype=dtype), torch.randn(64, dtype=dtype)
+            names = set(llama.time_decode_kernels(w))
+            assert names == set(llama.DECODE_KERNELS) - ({"row blocks"} if rows % threads else set())
+            for name in names:
+                assert_close(llama.DECODE_KERNELS[name](w, x), w.double() @ x.double(),
+                             ops=64 if dtype == torch.float32 else 1, dtype=dtype)
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_chunked_cross_entropy_equals_f_cross_entropy_of_the_full_logits_with_its_gradients():
@@ -167,24 +247,6 @@ def test_the_loss_with_lora_on_the_lm_head_is_the_cross_entropy_of_its_logits(hf
     torch.testing.assert_close(loss, ref)
 
 
-@pytest.mark.parametrize("threads", [1, 2, 3])
-def test_one_float32_row_on_cpu_is_f_linear_exactly_whatever_the_thread_count(threads):
-    """Linear's decode path (the weight cut into one block of rows per thread, multiplied as a batch) gives
-    F.linear's numbers to the bit, and a weight whose rows do not split evenly takes the plain path."""
-    torch.manual_seed(0)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        for rows in (96, 97):  # 97 rows split into no whole blocks: the plain path
-            layer = Linear(64, rows, bias=False)
-            for x in (torch.randn(64), torch.randn(1, 1, 64), torch.randn(3, 64)):
-                with torch.no_grad():
-                    assert torch.equal(layer(x), F.linear(x, layer.weight))
-                assert layer(x).requires_grad  # with autograd on it is nn.Linear's own forward
-    finally:
-        torch.set_num_threads(before)
-
-
 def test_rope_theta_is_read_from_the_config(tmp_path):
     """transformers 5 writes rope_theta inside `rope_parameters`; a non-default base must still be used."""
     hf = tiny_hf_llama(rope_theta=500000.0)
@@ -192,7 +254,7 @@ def test_rope_theta_is_read_from_the_config(tmp_path):
     model = Llama.from_hf(tmp_path).eval()
     assert model.cfg.rope_theta == 500000.0
     ids = ids_for_test(T=40)
-    torch.testing.assert_close(ours_logits(model, ids), hf_logits(hf, ids), atol=1e-4, rtol=0)
+    assert_close(ours_logits(model, ids), hf_logits(hf, ids), ops=roundings())
 
 
 def test_scaled_rope_is_refused_not_silently_run_as_plain_rope(tmp_path):
@@ -212,7 +274,7 @@ def test_loads_sharded_safetensors(tmp_path):
     assert (tmp_path / "model.safetensors.index.json").exists()
     assert len(set(json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"].values())) > 1
     ids = ids_for_test()
-    torch.testing.assert_close(ours_logits(Llama.from_hf(tmp_path), ids), hf_logits(hf, ids), atol=1e-4, rtol=0)
+    assert_close(ours_logits(Llama.from_hf(tmp_path), ids), hf_logits(hf, ids), ops=roundings())
 
 
 def test_loads_pytorch_model_bin(tmp_path):
@@ -223,7 +285,7 @@ def test_loads_pytorch_model_bin(tmp_path):
     torch.save(hf.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
     ids = ids_for_test()
     model = Llama.from_hf(tmp_path / "bin")
-    torch.testing.assert_close(ours_logits(model, ids), hf_logits(hf, ids), atol=1e-4, rtol=0)
+    assert_close(ours_logits(model, ids), hf_logits(hf, ids), ops=roundings())
 
 
 def write_hf_folder(folder, config_from, sd: dict) -> None:
@@ -240,7 +302,7 @@ def test_rotary_inv_freq_buffers_in_the_checkpoint_are_ignored(tmp_path):
         sd[f"model.layers.{n}.self_attn.rotary_emb.inv_freq"] = 1.0 / 10000 ** (torch.arange(0, 16, 2) / 16)
     write_hf_folder(tmp_path / "old", tmp_path / "hf", sd)
     ids = ids_for_test()
-    torch.testing.assert_close(ours_logits(Llama.from_hf(tmp_path / "old"), ids), hf_logits(hf, ids), atol=1e-4, rtol=0)
+    assert_close(ours_logits(Llama.from_hf(tmp_path / "old"), ids), hf_logits(hf, ids), ops=roundings())
 
 
 @pytest.mark.parametrize("fault,key,error", [
@@ -307,16 +369,14 @@ def test_meta_layout_checkpoint_gives_hf_logits(hf_and_folder, tmp_path):
     hf, _ = hf_and_folder
     write_meta_checkpoint(tmp_path / "meta", hf)
     ids = ids_for_test()
-    torch.testing.assert_close(ours_logits(Llama.from_meta(tmp_path / "meta"), ids), hf_logits(hf, ids),
-                               atol=1e-4, rtol=0)
+    assert_close(ours_logits(Llama.from_meta(tmp_path / "meta"), ids), hf_logits(hf, ids), ops=roundings())
 
 
 def test_meta_layout_from_two_model_parallel_shards(hf_and_folder, tmp_path):
     hf, _ = hf_and_folder
     write_meta_checkpoint(tmp_path / "meta", hf, shards=2)
     ids = ids_for_test()
-    torch.testing.assert_close(ours_logits(Llama.from_meta(tmp_path / "meta"), ids), hf_logits(hf, ids),
-                               atol=1e-4, rtol=0)
+    assert_close(ours_logits(Llama.from_meta(tmp_path / "meta"), ids), hf_logits(hf, ids), ops=roundings())
 
 
 def test_meta_weights_without_the_rope_permutation_give_wrong_logits(tmp_path):
