@@ -483,7 +483,8 @@ def assert_same_weights(a: Path, b: Path, stage: int) -> None:
 def test_resume_reproduces_the_uninterrupted_run(synth, stage1, stage2_straight, tmp_path):
     out = tmp_path / "interrupted"
     argv = resumable(synth, stage1, out)
-    proc = subprocess.Popen(argv, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    with open(tmp_path / "stderr.txt", "w") as err:  # a file, not a pipe that nobody reads and that could fill up
+        proc = subprocess.Popen(argv, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=err)
     metrics = out / "stage2" / "metrics.jsonl"
     deadline = time.time() + TIMEOUT
     while time.time() < deadline and proc.poll() is None:
@@ -491,8 +492,11 @@ def test_resume_reproduces_the_uninterrupted_run(synth, stage1, stage2_straight,
             proc.send_signal(signal.SIGTERM)
             break
         time.sleep(0.05)
-    proc.wait(timeout=TIMEOUT)
-    assert proc.returncode == 130, "the run finished before it could be interrupted"
+    try:
+        proc.wait(timeout=TIMEOUT)
+    finally:
+        proc.kill()  # nothing left running if the wait timed out
+    assert proc.returncode == 130, f"the run finished before it could be interrupted: {(tmp_path / 'stderr.txt').read_text()}"
     state = torch.load(out / "stage2" / "train_state.pt", weights_only=True)
     assert 3 <= state["step"] < 12
     run(*argv[2:], "--resume")
@@ -697,7 +701,10 @@ def test_killed_and_interrupted_runs_resume_to_the_uninterrupted_result(synth, s
             time.sleep(delay)
             assert proc.poll() is None, f"the run ended before the {sig.name}: {(tmp_path / 'stderr.txt').read_text()}"
             proc.send_signal(sig)
-            proc.wait(timeout=60)
+            try:
+                proc.wait(timeout=60)
+            finally:
+                proc.kill()  # nothing left running if the wait timed out
         assert proc.returncode == (130 if sig == signal.SIGINT else -signal.SIGKILL)
         left_tmp.append(tmp.exists())
         if state.exists():
