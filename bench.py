@@ -55,7 +55,7 @@ import torch.nn.functional as F
 import llama
 from llama import Llama, Tokenizer, build_empty
 from lora import apply_lora, mark_only_lora_trainable
-from owl import Owl, OwlConfig, render_prompt
+from owl import Owl, OwlConfig, render_prompt, save_shards
 from vit import VisionTransformer
 
 GB = 1e9
@@ -516,10 +516,9 @@ def case_owl(table, z):
 # load-7b: the real size, from disk
 
 def write_random_checkpoint(folder: Path, layers: int) -> None:
-    """A random owl-7b checkpoint in the official format (bf16, safetensors shards of ~2 GB with an index), written
-    tensor by tensor so that the writer never holds more than a shard. Done once: a finished folder is reused."""
-    from safetensors.torch import save_file
-
+    """A random owl-7b checkpoint in the official format (bf16, safetensors shards of at most 2 GB with an index),
+    written by Owl.save_pretrained's own shard writer, a shard at a time so that the writer never holds more than a
+    shard. Done once: a finished folder is reused."""
     if (folder / "complete").exists():
         return
     folder.mkdir(parents=True, exist_ok=True)
@@ -527,28 +526,17 @@ def write_random_checkpoint(folder: Path, layers: int) -> None:
     cfg.text.num_layers = layers
     model = build_empty(Owl, cfg)  # shapes and names only, on the meta device
     official = {ours: theirs for theirs, ours in model.official_key_map().items()}
-    params = sorted((official[name], tuple(p.shape)) for name, p in model.named_parameters())
-    shards, size = [[]], 0
-    for key, shape in params:
-        if size > 2 * GB:
-            shards.append([])
-            size = 0
-        shards[-1].append((key, shape))
-        size += 2 * torch.Size(shape).numel()
-    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    plan = {official[name]: torch.empty(p.shape, dtype=torch.bfloat16, device="meta")
+            for name, p in model.named_parameters()}
     gen = torch.Generator().manual_seed(0)
-    for name, shard in zip(names, shards):
-        print(f"  writing {folder / name}", flush=True)
-        tensors = {}
-        for key, shape in shard:
-            is_norm_weight = len(shape) == 1 and "norm" in key and key.endswith("weight")
-            tensors[key] = (torch.ones(shape, dtype=torch.bfloat16) if is_norm_weight else
-                            torch.randn(shape, generator=gen, dtype=torch.bfloat16).mul_(0.02))
-        save_file(tensors, folder / name, metadata={"format": "pt"})
-        del tensors
-    total = sum(2 * torch.Size(shape).numel() for _, shape in params)
-    index = {"metadata": {"total_size": total}, "weight_map": {k: n for n, s in zip(names, shards) for k, _ in s}}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+    def fill(path: Path, shard: dict) -> dict:
+        print(f"  writing {path}", flush=True)
+        is_norm_weight = lambda key, t: t.dim() == 1 and "norm" in key and key.endswith("weight")
+        return {key: torch.ones(t.shape, dtype=t.dtype) if is_norm_weight(key, t) else
+                torch.randn(t.shape, generator=gen, dtype=t.dtype).mul_(0.02) for key, t in shard.items()}
+
+    save_shards(plan, folder, max_shard_bytes=2 * GB, fill=fill)
     (folder / "config.json").write_text(json.dumps(cfg.to_official(), indent=2))
     tiny_tokenizer(folder)
     (folder / "complete").write_text("")

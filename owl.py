@@ -19,17 +19,16 @@ import re
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator, List, Optional
 
-import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from safetensors import SafetensorError
 
 from abstractor import AbstractorConfig, VisualAbstractor
+from attention import attention_maps, draw_attention
 from llama import Llama, LlamaConfig, Tokenizer, build_empty, iter_tensors, load_into, read_json
 from vit import ImageTransform, ViTConfig, VisionTransformer
 
@@ -131,6 +130,18 @@ class OwlConfig:
         }
 
 
+@dataclass
+class Sampling:
+    """How an answer is drawn: greedily at temperature 0, else at that temperature among the top_k most likely
+    tokens (0 = all) that hold top_p of the probability; at most max_new_tokens. generator: the random stream (None:
+    torch's global one); a Sampling used again goes on drawing where its stream stopped."""
+    max_new_tokens: int = 512
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    generator: Optional[torch.Generator] = None
+
+
 class Owl(nn.Module):
     """f_V + f_K + f_L. Attribute names follow the official checkpoint: vision_model, abstractor, language_model."""
 
@@ -146,6 +157,16 @@ class Owl(nn.Module):
     def init_weights(self) -> None:
         for part in (self.vision_model, self.abstractor, self.language_model):
             part.init_weights()
+
+    @property
+    def device(self) -> torch.device:
+        return self.language_model.lm_head.weight.device
+
+    def check_context(self, ids: List[int], what: str = "the prompt") -> None:
+        """Refuse a prompt that leaves no room for an answer: f_L has no position past max_position_embeddings."""
+        context = self.cfg.text.max_position_embeddings
+        if len(ids) >= context:
+            raise ValueError(f"{what} is {len(ids)} tokens long, more than the context of {context} tokens")
 
     def encode_images(self, pixels: torch.Tensor, return_weights: bool = False):
         """pixels (N, 3, S, S) -> visual tokens (N, num_queries + 1, llm_hidden): f_V, then f_K."""
@@ -177,37 +198,37 @@ class Owl(nn.Module):
         return self.language_model(inputs_embeds=self.embed(input_ids, pixels), targets=targets)
 
     @torch.inference_mode()
-    def generate(self, ids: List[int], pixels: Optional[torch.Tensor] = None, max_new_tokens: int = 512,
-                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, generator=None,
-                 visual: Optional[torch.Tensor] = None) -> Iterator[int]:
+    def generate(self, ids: List[int], pixels: Optional[torch.Tensor] = None, sampling: Optional[Sampling] = None,
+                 *, visual: Optional[torch.Tensor] = None, **settings) -> Iterator[int]:
         """Yield the answer's token ids one by one (batch 1). ids: BOS + prompt ids with placeholders; the images
-        as pixels, or as the visual tokens encode_images gave for them."""
-        context = self.cfg.text.max_position_embeddings
-        if len(ids) >= context:
-            raise ValueError(f"the prompt is {len(ids)} tokens long, more than the context of {context} tokens")
-        device = self.language_model.lm_head.weight.device
+        as pixels, or as the visual tokens encode_images gave for them. sampling: a Sampling (default: greedy, 512
+        tokens); Sampling's fields given as keywords, e.g. max_new_tokens=48, override it."""
+        s = replace(sampling or Sampling(), **settings)
+        self.check_context(ids)
+        device = self.device
         embeds = self.embed(torch.tensor([ids], device=device), None if pixels is None else pixels.to(device),
                             None if visual is None else visual.to(device))
-        yield from self.language_model.generate(inputs_embeds=embeds, max_new_tokens=max_new_tokens,
-                                                eos_id=self.tokenizer.eos_id, temperature=temperature, top_k=top_k,
-                                                top_p=top_p, generator=generator)
+        yield from self.language_model.generate(inputs_embeds=embeds, max_new_tokens=s.max_new_tokens,
+                                                eos_id=self.tokenizer.eos_id, temperature=s.temperature,
+                                                top_k=s.top_k, top_p=s.top_p, generator=s.generator)
 
     @torch.inference_mode()
-    def generate_batch(self, prompts: List[tuple], max_new_tokens: int = 512, temperature: float = 0.0,
-                       top_k: int = 0, top_p: float = 1.0, generator=None) -> List[List[int]]:
-        """The answers' token ids for several prompts at once; prompts: (ids, pixels or None) pairs as `generate`
-        takes them. The ids are left-padded into one batch (f_L hides the pads), every image in prompt order."""
-        context = self.cfg.text.max_position_embeddings
+    def generate_batch(self, prompts: List[tuple], sampling: Optional[Sampling] = None,
+                       **settings) -> List[List[int]]:
+        """The answers' token ids for several prompts at once; prompts: (ids, pixels or None) pairs, sampling and
+        settings as `generate` takes them. The ids are left-padded into one batch (f_L hides the pads), every image
+        in prompt order."""
+        s = replace(sampling or Sampling(), **settings)
         for ids, _ in prompts:
-            if len(ids) >= context:
-                raise ValueError(f"a prompt is {len(ids)} tokens long, more than the context of {context} tokens")
-        device = self.language_model.lm_head.weight.device
+            self.check_context(ids, "a prompt")
         T = max(len(ids) for ids, _ in prompts)
-        padded = torch.tensor([[self.tokenizer.pad_id] * (T - len(ids)) + ids for ids, _ in prompts], device=device)
+        padded = torch.tensor([[self.tokenizer.pad_id] * (T - len(ids)) + ids for ids, _ in prompts],
+                              device=self.device)
         images = [pixels for _, pixels in prompts if pixels is not None and len(pixels)]
-        embeds = self.embed(padded, torch.cat(images).to(device) if images else None)  # (B, T, D)
-        return self.language_model.generate_batch(embeds, [len(ids) for ids, _ in prompts], max_new_tokens,
-                                                  self.tokenizer.eos_id, temperature, top_k, top_p, generator)
+        embeds = self.embed(padded, torch.cat(images).to(self.device) if images else None)  # (B, T, D)
+        return self.language_model.generate_batch(embeds, [len(ids) for ids, _ in prompts], s.max_new_tokens,
+                                                  self.tokenizer.eos_id, s.temperature, s.top_k, s.top_p,
+                                                  s.generator)
 
     def prompt_ids(self, text: str) -> List[int]:
         return [self.tokenizer.bos_id] + tokenize(self.tokenizer, text, self.cfg.tokens_per_image)
@@ -254,29 +275,11 @@ class Owl(nn.Module):
     def save_pretrained(self, folder, tokenizer_model=None, max_shard_bytes: int = 0, safe: bool = True) -> None:
         """Write the official format: config.json, weights (safetensors or .bin, sharded above max_shard_bytes),
         tokenizer.model and the small json files, so the official code can load what Owl trained."""
-        from safetensors.torch import save_file
-
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         ours_to_official = {v: k for k, v in self.official_key_map().items()}
-        state = {ours_to_official[k]: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        shards, size = [{}], 0
-        for key in sorted(state):
-            nbytes = state[key].numel() * state[key].element_size()
-            if max_shard_bytes and shards[-1] and size + nbytes > max_shard_bytes:
-                shards.append({})
-                size = 0
-            shards[-1][key] = state[key]
-            size += nbytes
-        base, ext = ("model", "safetensors") if safe else ("pytorch_model", "bin")
-        names = [f"{base}.{ext}"] if len(shards) == 1 else \
-            [f"{base}-{i + 1:05d}-of-{len(shards):05d}.{ext}" for i in range(len(shards))]
-        for name, shard in zip(names, shards):
-            save_file(shard, folder / name, metadata={"format": "pt"}) if safe else torch.save(shard, folder / name)
-        if len(shards) > 1:
-            total = sum(t.numel() * t.element_size() for t in state.values())
-            index = {"metadata": {"total_size": total}, "weight_map": {k: n for n, s in zip(names, shards) for k in s}}
-            (folder / f"{names[0].split('-')[0]}.{ext}.index.json").write_text(json.dumps(index, indent=2))
+        save_shards({ours_to_official[k]: v.detach().contiguous().cpu() for k, v in self.state_dict().items()},
+                    folder, max_shard_bytes, safe)
         (folder / "config.json").write_text(json.dumps(self.cfg.to_official(), indent=2))
         src = tokenizer_model or (self.tokenizer.sp.serialized_model_proto() if self.tokenizer else None)
         if isinstance(src, (str, Path)):
@@ -299,6 +302,33 @@ class Owl(nn.Module):
         (folder / "generation_config.json").write_text(json.dumps(
             {"max_length": 512, "do_sample": True, "top_k": 3, "bos_token_id": 1, "eos_token_id": 2,
              "pad_token_id": 0}, indent=2))
+
+
+def save_shards(state: dict, folder: Path, max_shard_bytes: int = 0, safe: bool = True, fill=None) -> None:
+    """Write state (official key -> tensor) as a checkpoint's weights, named as the hub names them: one file, or, above
+    max_shard_bytes, shards in key order with an index. fill(path, shard), if given, returns the tensors to write for
+    a shard in place of its own, so a caller can plan with meta tensors (shape and dtype only) and hold one shard's
+    values at a time: bench.py writes a random owl-7b so."""
+    from safetensors.torch import save_file
+
+    shards, size = [{}], 0
+    for key in sorted(state):
+        nbytes = state[key].numel() * state[key].element_size()
+        if max_shard_bytes and shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = state[key]
+        size += nbytes
+    base, ext = ("model", "safetensors") if safe else ("pytorch_model", "bin")
+    names = [f"{base}.{ext}"] if len(shards) == 1 else \
+        [f"{base}-{i + 1:05d}-of-{len(shards):05d}.{ext}" for i in range(len(shards))]
+    for name, shard in zip(names, shards):
+        shard = fill(folder / name, shard) if fill else shard
+        save_file(shard, folder / name, metadata={"format": "pt"}) if safe else torch.save(shard, folder / name)
+    if len(shards) > 1:
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        index = {"metadata": {"total_size": total}, "weight_map": {k: n for n, s in zip(names, shards) for k in s}}
+        (folder / f"{base}.{ext}.index.json").write_text(json.dumps(index, indent=2))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -340,16 +370,16 @@ def load_image(path: str, transform: ImageTransform, max_pixels: int = MAX_PIXEL
     return transform(read_image(path, max_pixels))
 
 
-def seeded_generator(args) -> Optional[torch.Generator]:
-    return torch.Generator().manual_seed(args.seed) if args.seed is not None else None
+def sampling_of(args) -> Sampling:
+    """The sampling flags as one value; with --seed, a stream of its own that starts from the seed at each call."""
+    generator = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
+    return Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, generator)
 
 
-def stream_answer(model: Owl, ids: List[int], pixels, args, out=None, visual=None) -> List[int]:
+def stream_answer(model: Owl, ids: List[int], pixels, sampling: Sampling, out=None, visual=None) -> List[int]:
     """Generate and print the answer as it grows (to stdout unless out is given); returns the answer's token ids."""
-    out, gen = out or sys.stdout, seeded_generator(args)
-    new, shown = [], ""
-    for token in model.generate(ids, pixels, args.max_new_tokens, args.temperature, args.top_k, args.top_p, gen,
-                                visual=visual):
+    out, new, shown = out or sys.stdout, [], ""
+    for token in model.generate(ids, pixels, sampling, visual=visual):
         new.append(token)
         text = model.tokenizer.decode(new)
         # print only what is settled: a trailing partial UTF-8 byte sequence decodes to U+FFFD until complete
@@ -440,15 +470,15 @@ def chat_turn(model: Owl, history: List[Turn], turn: Turn, args) -> Optional[Lis
     images = [image for t in history for image in t.images]  # in the order of their <image> lines
     visual = torch.stack(images) if images else None
     ids = model.prompt_ids(chat_prompt(history))
-    turn.answer = model.tokenizer.decode(stream_answer(model, ids, None, args, visual=visual))
+    # a fresh stream each turn: with --seed, every answer is drawn as a one-question run draws it
+    turn.answer = model.tokenizer.decode(stream_answer(model, ids, None, sampling_of(args), visual=visual))
     return history
 
 
 @torch.inference_mode()
 def encode(model: Owl, pixels: torch.Tensor) -> torch.Tensor:
     """Images (N, 3, S, S) -> their visual tokens (N, Q+1, D): a chat encodes each image once, not every turn."""
-    device = model.language_model.lm_head.weight.device
-    return model.encode_images(pixels.to(device))
+    return model.encode_images(pixels.to(model.device))
 
 
 @dataclass
@@ -491,21 +521,22 @@ def answer_questions(model: Owl, path: str, args) -> None:
     """Answer a questions file in batches of --batch-size, one JSON line per question, in the file's order. Image
     paths are relative to the file's folder. Every prompt is tokenised and every image read before the first batch."""
     questions, folder = read_questions(path), Path(path).parent
-    context = model.cfg.text.max_position_embeddings
     ids = [model.prompt_ids(render_prompt(q.prompt, len(q.images))) for q in questions]
     for q, q_ids in zip(questions, ids):
-        if len(q_ids) >= context:
-            raise UserError(f"line {q.line} of {path} is {len(q_ids)} tokens long, more than the context of {context}")
+        try:
+            model.check_context(q_ids, f"line {q.line} of {path}")
+        except ValueError as e:
+            raise UserError(e.args[0]) from None
         for image in q.images:  # read in full and let go: a bad image stops the run before any answer is out
             try:
                 read_image(str(folder / image), args.max_pixels)
             except UserError as e:
                 raise UserError(f"line {q.line} of {path}: {e}") from None
-    gen = seeded_generator(args)
+    sampling = sampling_of(args)  # one stream for the whole file: each batch draws on where the last one stopped
     for start in range(0, len(questions), args.batch_size):
         batch = list(zip(questions, ids))[start: start + args.batch_size]
         prompts = [(q_ids, load_images([folder / i for i in q.images], model, args)) for q, q_ids in batch]
-        answers = model.generate_batch(prompts, args.max_new_tokens, args.temperature, args.top_k, args.top_p, gen)
+        answers = model.generate_batch(prompts, sampling)
         for (q, _), answer in zip(batch, answers):
             record = {"image": q.images, "prompt": q.prompt, "answer": model.tokenizer.decode(answer)}
             sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
@@ -519,13 +550,12 @@ def load_images(paths: list, model: Owl, args) -> Optional[torch.Tensor]:
     return torch.stack([load_image(str(p), model.image_transform, args.max_pixels) for p in paths])
 
 
-def answer_json(model: Owl, ids: List[int], pixels, args, timings: dict) -> None:
+def answer_json(model: Owl, ids: List[int], pixels, sampling: Sampling, timings: dict) -> None:
     """--json: generate without streaming, then print the answer, the token counts and the timings (seconds) as one
     JSON object. prompt_tokens counts every position of the prompt, image_tokens the visual ones among them;
     first_token_s includes encoding the images and reading the prompt."""
     start, first, new = time.perf_counter(), None, []
-    for token in model.generate(ids, pixels, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                                seeded_generator(args)):
+    for token in model.generate(ids, pixels, sampling):
         if first is None:
             first = time.perf_counter() - start
         new.append(token)
@@ -536,65 +566,8 @@ def answer_json(model: Owl, ids: List[int], pixels, args, timings: dict) -> None
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}, ensure_ascii=False))
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Where f_K's learnable queries look (--show-attention)
-
-PANEL, CAPTION, COLUMNS = 224, 16, 3  # pixels of a panel's picture and of its caption strip; panels per row
-SINGLE_QUERIES = 4  # single queries with a panel of their own, evenly spaced over all queries
-
-
-def attention_maps(model: Owl, pixels: torch.Tensor) -> tuple:
-    """Where the abstractor's queries look in the first image of pixels (N, 3, S, S): the attention weights of f_K's
-    LAST layer over the image's patches, averaged over that layer's heads, as (grid, grid) maps. That attention's
-    keys are the queries themselves, then f_V's CLS token, then the patches in row-major order; only the patches
-    are kept, so a map sums to the share of attention the patches get, not to 1. Returns the maps, the mean over all
-    queries first and then SINGLE_QUERIES single queries, (1 + SINGLE_QUERIES, grid, grid), and their labels."""
-    Q, grid = model.cfg.abstractor.num_queries, model.cfg.vision.image_size // model.cfg.vision.patch_size
-    with torch.no_grad():
-        _, weights = model.encode_images(pixels[:1], return_weights=True)
-    w = weights[-1][0].float().mean(0)  # (Q, Q + 1 + grid * grid), averaged over the heads
-    patches = w[:, Q + 1:].reshape(Q, grid, grid).cpu()
-    queries = sorted(set(torch.linspace(0, Q - 1, SINGLE_QUERIES).round().long().tolist()))
-    maps = torch.cat([patches.mean(0, keepdim=True), patches[queries]])  # (1 + SINGLE_QUERIES, grid, grid)
-    return maps, ["all queries"] + [f"query {j}" for j in queries]
-
-
-def heat_overlay(picture, amap: torch.Tensor):
-    """A (grid, grid) map over a PANEL x PANEL picture: stretched to [0, 1] between its least and its most, one
-    square cell per patch, coloured from blue (the least attention) through green to red (the most), and blended
-    half and half with the picture."""
-    from PIL import Image
-
-    v = (amap.float() - amap.min()) / (amap.max() - amap.min()).clamp(min=1e-12)
-    v = F.interpolate(v[None, None], size=(PANEL, PANEL))[0, 0]  # nearest: each patch one cell
-    heat = torch.stack([(1.5 - (4 * v - c).abs()).clamp(0, 1) for c in (3, 2, 1)], dim=-1)  # (PANEL, PANEL, RGB)
-    blend = 0.5 * torch.from_numpy(np.asarray(picture, dtype=np.float32)) + 0.5 * 255 * heat
-    return Image.fromarray(blend.round().byte().numpy())
-
-
-def draw_attention(pixels: torch.Tensor, transform: ImageTransform, maps: torch.Tensor, labels: List[str]):
-    """A sheet of captioned panels, COLUMNS to a row: the first image as f_V sees it (pixels un-normalised), then
-    one heat map over it per map."""
-    from PIL import Image, ImageDraw
-
-    std, mean = torch.tensor(transform.std)[:, None, None], torch.tensor(transform.mean)[:, None, None]
-    rgb = pixels[0].float().cpu() * std + mean  # (3, S, S) in [0, 1]
-    picture = Image.fromarray((rgb.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy())
-    picture = picture.resize((PANEL, PANEL), Image.BICUBIC)
-    panels = [(picture, "image")] + [(heat_overlay(picture, m), label) for m, label in zip(maps, labels)]
-    rows = -(-len(panels) // COLUMNS)
-    sheet = Image.new("RGB", (COLUMNS * PANEL, rows * (CAPTION + PANEL)), "white")
-    draw = ImageDraw.Draw(sheet)
-    for k, (panel, label) in enumerate(panels):
-        x, y = k % COLUMNS * PANEL, k // COLUMNS * (CAPTION + PANEL)
-        draw.text((x + 4, y + 2), label, fill="black")
-        sheet.paste(panel, (x, y + CAPTION))
-    return sheet
-
-
 def save_attention(model: Owl, pixels: torch.Tensor, path: str) -> None:
-    device = model.language_model.lm_head.weight.device
-    sheet = draw_attention(pixels, model.image_transform, *attention_maps(model, pixels[:1].to(device)))
+    sheet = draw_attention(pixels, model.image_transform, *attention_maps(model, pixels[:1].to(model.device)))
     try:
         sheet.save(path, format="PNG")
     except (OSError, ValueError) as e:
@@ -681,9 +654,10 @@ def load_model(args) -> Owl:
 def prompt_ids_of(model: Owl, args) -> List[int]:
     """The ids of --prompt: in the canonical template, or as is with --raw-prompt; refused if it fills the context."""
     ids = model.prompt_ids(args.prompt if args.raw_prompt else render_prompt(args.prompt, len(args.image)))
-    if len(ids) >= model.cfg.text.max_position_embeddings:
-        raise UserError(f"the prompt is {len(ids)} tokens long, more than the context of "
-                        f"{model.cfg.text.max_position_embeddings} tokens")
+    try:
+        model.check_context(ids)
+    except ValueError as e:
+        raise UserError(e.args[0]) from None
     return ids
 
 
@@ -705,9 +679,9 @@ def main(argv=None) -> int:
         if ids is None:
             chat(model, pixels, args)
         elif args.json:
-            answer_json(model, ids, pixels, args, timings)
+            answer_json(model, ids, pixels, sampling_of(args), timings)
         else:
-            stream_answer(model, ids, pixels, args)
+            stream_answer(model, ids, pixels, sampling_of(args))
         return 0
     except UserError as e:
         print(f"owl: {e}", file=sys.stderr)

@@ -21,7 +21,8 @@ from safetensors.torch import load_file, save_file
 
 from conftest import tiny_owl, write_huge_png
 import owl
-from owl import CAPTION, COLUMNS, PANEL, Owl, attention_maps, draw_attention, load_image, render_prompt, render_turn
+from attention import CAPTION, COLUMNS, PANEL, attention_maps, draw_attention
+from owl import Owl, load_image, render_prompt, render_turn
 
 ROOT = Path(__file__).resolve().parent.parent
 QUESTION = "What is in the picture?"

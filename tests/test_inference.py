@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from conftest import assert_close, tiny_owl, write_huge_png
-from owl import (CAPTION, COLUMNS, PANEL, SYSTEM, UserError, attention_maps, build_parser, chat, draw_attention,
-                 load_image, render_prompt, render_turn)
+from attention import CAPTION, COLUMNS, PANEL, attention_maps, draw_attention
+from owl import SYSTEM, Sampling, UserError, build_parser, chat, load_image, render_prompt, render_turn
 
 QUESTIONS = [  # clearly different lengths and image counts
     ("Hi", 0),
@@ -57,6 +57,28 @@ def test_batched_greedy_answers_equal_one_at_a_time_answers_token_for_token(mode
     together = model.generate_batch(batch, max_new_tokens=16, temperature=0.0)
     assert together == alone
     assert all(len(a) == 16 for a in alone) and len({tuple(a) for a in alone}) == 4
+
+
+def test_sampling_travels_as_one_value_and_its_fields_as_keywords_override_it(model):
+    ids, pixels = prompts(model)[1]
+    seeded = lambda: torch.Generator().manual_seed(3)
+    sampled = list(model.generate(ids, pixels, Sampling(max_new_tokens=8, temperature=1.0, top_k=5, generator=seeded())))
+    assert sampled == list(model.generate(ids, pixels, max_new_tokens=8, temperature=1.0, top_k=5, generator=seeded()))
+    greedy = list(model.generate(ids, pixels, max_new_tokens=8))  # Sampling's defaults: greedy
+    assert greedy == list(model.generate(ids, pixels, Sampling(8, 1.0, 5, generator=seeded()), temperature=0.0))
+    assert sampled != greedy and len(sampled) == len(greedy) == 8
+    batch = [(ids, pixels), prompts(model)[0]]
+    assert model.generate_batch(batch, Sampling(max_new_tokens=8), max_new_tokens=4)[0] == greedy[:4]
+
+
+def test_a_prompt_that_fills_the_context_is_refused_before_anything_is_generated(model):
+    context = model.cfg.text.max_position_embeddings
+    ids = [model.tokenizer.bos_id] + [5] * (context - 1)  # the whole context: no position left for an answer
+    with pytest.raises(ValueError, match=f"^the prompt is {context} tokens long, more than the context of {context} "):
+        next(model.generate(ids))
+    with pytest.raises(ValueError, match=f"^a prompt is {context} tokens long"):
+        model.generate_batch([(ids[:10], None), (ids, None)])
+    assert len(list(model.generate(ids[:-1], max_new_tokens=1))) == 1  # one token shorter, it answers
 
 
 def padded_embeddings(llm, rows) -> tuple:

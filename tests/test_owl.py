@@ -14,7 +14,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from conftest import assert_close, tiny_owl
-from owl import IMAGE_ID, Owl, load_image, render_prompt
+from owl import IMAGE_ID, Owl, load_image, render_prompt, save_shards
 
 QUESTION = "What is in the picture?"
 
@@ -73,6 +73,30 @@ def test_save_then_load_gives_identical_logits(model, tmp_path, layout):
     loaded = Owl.from_pretrained(tmp_path)
     ids, pixels = prompt_and_pixels(model, 1)
     assert torch.equal(logits_of(loaded, ids, pixels), logits_of(model, ids, pixels))
+
+
+def test_shards_filled_one_at_a_time_from_a_meta_plan_are_the_ones_save_pretrained_writes(model, tmp_path):
+    """bench.py writes its random owl-7b so: the plan holds only shapes and dtypes, fill gives each shard's values
+    as it is written. Same files, same index, same tensors as save_pretrained's own sharding."""
+    model.save_pretrained(tmp_path / "saved", max_shard_bytes=200_000)
+    index = json.loads((tmp_path / "saved" / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    state = {k: t for s in shards for k, t in load_file(tmp_path / "saved" / s).items()}
+    plan = {k: torch.empty(t.shape, dtype=t.dtype, device="meta") for k, t in state.items()}
+    filled = []
+
+    def fill(path, shard):
+        assert all(t.is_meta for t in shard.values())
+        filled.append(path.name)
+        return {k: state[k] for k in shard}
+
+    (tmp_path / "planned").mkdir()
+    save_shards(plan, tmp_path / "planned", max_shard_bytes=200_000, fill=fill)
+    assert filled == shards and len(shards) >= 3
+    assert json.loads((tmp_path / "planned" / "model.safetensors.index.json").read_text()) == index
+    for s in shards:
+        written, expected = load_file(tmp_path / "planned" / s), load_file(tmp_path / "saved" / s)
+        assert written.keys() == expected.keys() and all(torch.equal(written[k], expected[k]) for k in written)
 
 
 def official_keys(cfg: dict) -> dict:
