@@ -84,18 +84,18 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(cfg: LlamaConfig, length: int, device) -> tuple:
-    """cos, sin of shape (length, head_dim): dimension i pairs with i + head_dim/2 (the HF "rotate half" layout)."""
+    """cos, sin of shape (length, head_dim): dimension i pairs with i + head_dim/2 (the HF "rotate half" layout).
+    sin's first half is negated, so that apply_rope needs no negation of its own at every call."""
     inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, device=device, dtype=torch.float32) / cfg.head_dim)
     angles = torch.outer(torch.arange(length, device=device, dtype=torch.float32), inv_freq)
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos(), angles.sin()
+    return torch.cat([angles, angles], dim=-1).cos(), torch.cat([-angles.sin(), angles.sin()], dim=-1)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, heads, T, head_dim); cos/sin (B or 1, 1, T, head_dim) in x's dtype."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+    """x (B, heads, T, head_dim); cos/sin (B or 1, 1, T, head_dim) in x's dtype, sin from rope_tables (first half
+    negated). HF's x * cos + rotate_half(x) * sin, with rotate_half(x) * sin = [-x2, x1] * sin written as
+    [x2, x1] * [-sin, sin]: the same products exactly, in 4 operations instead of 7."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
 
 
 def _row_blocks(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -272,12 +272,14 @@ class Llama(nn.Module):
         self.model = Decoder(cfg)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.grad_checkpointing = False
-        self._rope = None  # (cos, sin) for max_position_embeddings positions, made on first use on each device
+        self._rope = {}  # (device, dtype) -> (cos, sin) for max_position_embeddings positions, made on first use
 
-    def rope(self, device) -> tuple:
-        if self._rope is None or self._rope[0].device != torch.device(device):
-            self._rope = rope_tables(self.cfg, self.cfg.max_position_embeddings, device)
-        return self._rope
+    def rope(self, device, dtype) -> tuple:
+        """The RoPE tables, made in float32 and rounded to dtype once (as HF rounds them at every call)."""
+        key = (torch.device(device), dtype)
+        if key not in self._rope:
+            self._rope[key] = tuple(t.to(dtype) for t in rope_tables(self.cfg, self.cfg.max_position_embeddings, device))
+        return self._rope[key]
 
     def forward(self, input_ids=None, inputs_embeds=None, start_pos: int = 0, positions=None, mask=None,
                 last_only: bool = False, targets: Optional[torch.Tensor] = None):
@@ -292,12 +294,11 @@ class Llama(nn.Module):
         end = start_pos + T if positions is None else int(positions.max()) + 1  # left pads hold no position
         if end > self.cfg.max_position_embeddings:
             raise ValueError(f"sequence of {end} tokens exceeds the context of {self.cfg.max_position_embeddings}")
-        cos, sin = self.rope(x.device)
+        cos, sin = self.rope(x.device, x.dtype)
         if positions is None:
             cos, sin = cos[start_pos: start_pos + T][None, None], sin[start_pos: start_pos + T][None, None]
         else:
             cos, sin = cos[positions][:, None], sin[positions][:, None]  # (B, 1, T, head_dim)
-        cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # once here, not in each layer's q and k
         if mask is None and T > 1 and start_pos > 0:  # a chunk appended to a cache: causal within, sees all before
             mask = torch.ones(T, start_pos + T, dtype=torch.bool, device=x.device).tril(start_pos)
         for layer in self.model.layers:
