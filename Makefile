@@ -13,12 +13,16 @@ install-test: install
 test: install-test
 	$(PYTHON) -m pytest -q tests
 
-# The tiny Owl through all stages on CPU: draw the data, train stages 0, 1, 2, then ask about a held-out image.
-DEMO_IMAGE ?= data/synth/images/h_00001.png
+# The paper's recipe on a tiny Owl, on CPU, each step a command you can copy: draw the synthetic world, make the
+# stand-ins for LLaMA-7B and CLIP (tiny.py), stage 1 and stage 2 exactly as with the real weights (train.py), score
+# the held-out questions, then ask about a held-out image.
+D ?= data/synth
+RUN ?= runs/owl-tiny
+DEMO_IMAGE ?= $(D)/images/h_00001.png
 demo: install
-	$(PYTHON) data.py synth --out data/synth
-	$(PYTHON) train.py --stage all --data-dir data/synth --out-dir runs/owl-tiny
-	@echo
-	@echo "Q: How many shapes are there? ($(DEMO_IMAGE))"
-	@printf "A: "
-	@$(PYTHON) owl.py --checkpoint runs/owl-tiny/stage2 --image $(DEMO_IMAGE) --prompt "How many shapes are there?" --temperature 0
+	$(PYTHON) synthetic.py --out $(D)
+	$(PYTHON) tiny.py pretrain --data-dir $(D) --out-dir $(RUN)
+	$(PYTHON) train.py --stage 1 --llm-init $(RUN)/llm --vit-init $(RUN)/vit --data $(D)/stage1.jsonl --data $(D)/stage1_single.jsonl --val-data $(D)/val_stage1.jsonl --out-dir $(RUN)
+	$(PYTHON) train.py --stage 2 --init $(RUN)/stage1 --data $(D)/stage2_owl.jsonl --data $(D)/stage2_llava.json --data $(D)/stage2_alpaca.json:0.3 --val-data $(D)/val_stage2_owl.jsonl --out-dir $(RUN)
+	$(PYTHON) tiny.py score --checkpoint $(RUN)/stage2 --heldout $(D)/heldout.jsonl
+	$(PYTHON) owl.py --checkpoint $(RUN)/stage2 --image $(DEMO_IMAGE) --prompt "How many shapes are there?" --temperature 0

@@ -1,24 +1,17 @@
 """Owl's training data: readers of the stage-1 and stage-2 formats, training samples with answer-only labels, and
-stage 1's augmentation. The tiny run's synthetic data is drawn by synthetic.py (`python data.py synth`).
+stage 1's augmentation.
 
 Stage 1 reads image-caption JSONL; stage 2 the official mPLUG-Owl JSONL, LLaVA's JSON and Alpaca's JSON (text-only),
-each into one Conversation; stage 0 of the tiny run reads text documents. A malformed line or a missing image skips
-that sample with a counted warning.
-
-    python data.py synth --out data/synth
+each into one Conversation. A malformed line or a missing image skips that sample with a counted warning.
 """
-import argparse
 import json
 import math
 import os
-import re
-import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from PIL import Image
 
-import synthetic
 from owl import IMAGE, IMAGE_ID, SYSTEM, render_turn, tokenize
 
 
@@ -36,7 +29,7 @@ class Conversation:
 
 
 def parse_owl_text(text):
-    """Inverse of synthetic.render_owl_text: drop the system text, turn "Human: <image>" lines into tags on the next
+    """The official stage-2 "text" (the canonical template with answers) -> turns: drop the system text, turn "Human: <image>" lines into tags on the next
     question; an answer is the text after "AI: " up to the next "\\nHuman: "."""
     segments = ("\n" + text if text.startswith("Human: ") else text).split("\nHuman: ")[1:]
     if not segments:
@@ -146,18 +139,6 @@ def load_captions_jsonl(path):
     return _load(path, _caption, jsonl=True)
 
 
-def _text(line, base):
-    d = json.loads(line)
-    if not (isinstance(d["text"], str) and d["text"].strip()):
-        raise ValueError("needs a text")
-    return d["text"]
-
-
-def load_text_jsonl(path):
-    """Stage 0: documents, {"text": ...} a line (a document may hold newlines, as the chat template does)."""
-    return _load(path, _text, jsonl=True)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Training samples. Ids and labels are built together, segment by segment, with owl.py's own renderer and
 # tokeniser, so they cannot drift apart: the prompt text (system, questions, image slots) gets label -100, each
@@ -166,10 +147,9 @@ def load_text_jsonl(path):
 
 @dataclass
 class Sample:
-    ids: list[int]  # BOS + tokens, IMAGE_ID at image slots, SHAPE_ID at shape vectors
+    ids: list[int]  # BOS + tokens, IMAGE_ID at image slots
     labels: list[int]  # the token to predict at each position, -100 where there is no loss
     images: list[str]  # one path per image slot run, in order
-    shapes: list = field(default_factory=list)  # the word ids of each SHAPE_ID, in order (stage 0)
 
 
 def conversation_segments(conv):
@@ -182,62 +162,37 @@ def conversation_segments(conv):
     return segments
 
 
-def document_segments(text):
-    """A stage-0 document: all of it is the target, unless it is a chat in the template ("...\nAI: answer"),
-    which is learnt as stage 2 learns: its answers (and the EOS after each) are the targets."""
-    parts = re.split(r"(\nAI: )", text)  # prompt, "\nAI: ", answer + "\nHuman: " + ..., "\nAI: ", ...
-    if len(parts) == 1:
-        return [(text, True)]
-    segments, prompt = [], parts[0]
-    for sep, rest in zip(parts[1::2], parts[2::2]):
-        answer, human, after = rest.partition("\nHuman: ")
-        segments += [(prompt + sep, False), (answer, True)]  # the prompt in one piece, tokenised as stage 2 does
-        prompt = human + after
-    return segments
-
-
-def build_sample(tokenizer, segments, images, tokens_per_image, seq_len, with_shapes=False):
+def build_sample(tokenizer, segments, images, tokens_per_image, seq_len, encode=None):
     """Ids and labels from segments, truncated to seq_len; None when no answer token survives the cut (such a
     sample costs a forward and backward and teaches nothing). A cut never keeps part of an image: the image slots
-    of a cut image go, with that image. with_shapes (stage 0): shape marks in the prompt become shape vectors."""
-    ids, labels, shapes = [tokenizer.bos_id], [-100], []
+    of a cut image go, with that image. encode(text) -> ids tokenises the prompt segments (owl.tokenize by default)."""
+    encode = encode or (lambda text: tokenize(tokenizer, text, tokens_per_image))
+    ids, labels = [tokenizer.bos_id], [-100]
     for text, is_answer in segments:
-        if is_answer:
-            piece = tokenizer.encode(text) + [tokenizer.eos_id]
-            ids, labels = ids + piece, labels + piece
-        else:
-            piece, words = (synthetic.tokenize_with_shapes(tokenizer, text, tokens_per_image) if with_shapes
-                            else (tokenize(tokenizer, text, tokens_per_image), []))
-            ids, labels, shapes = ids + piece, labels + [-100] * len(piece), shapes + words
+        piece = tokenizer.encode(text) + [tokenizer.eos_id] if is_answer else encode(text)
+        ids, labels = ids + piece, labels + (piece if is_answer else [-100] * len(piece))
     if len(ids) > seq_len:
         # an image's slots are contiguous: the slots left over after whole images are the start of a cut one
         cut = seq_len - (ids[:seq_len].count(IMAGE_ID) % tokens_per_image if tokens_per_image else 0)
         ids, labels = ids[:cut], labels[:cut]
     if all(label == -100 for label in labels):
         return None
-    return Sample(ids, labels, images[: ids.count(IMAGE_ID) // tokens_per_image] if images else [],
-                  shapes[: ids.count(synthetic.SHAPE_ID)])
+    return Sample(ids, labels, images[: ids.count(IMAGE_ID) // tokens_per_image] if images else [])
 
 
 def caption_segments(caption, caption_prompt=""):
     """A stage-1 sample: the caption right after its image; or, with a caption_prompt, the caption as the answer to
-    that question about the image, in the chat layout of stage 0's reading chats and stage 2 (less the system text):
+    that question about the image, in stage 2's chat layout (less the system text):
     "Human: <image>\nHuman: {caption_prompt}\nAI: {caption}"."""
-    prompt = synthetic.reading_chat(IMAGE, [(caption_prompt, "")]) if caption_prompt else IMAGE
+    prompt = "Human: " + IMAGE + render_turn(caption_prompt) if caption_prompt else IMAGE
     return [(prompt, False), (caption, True)]
 
 
 def load_training_samples(path, stage, tokenizer, tokens_per_image, seq_len, caption_prompt=""):
-    """Every usable sample of one data file, tokenised. The format follows from the stage and the file:
-    stage 0 a text corpus (a sample a line, or JSONL with a "text" each); stage 1 image-caption JSONL (laid out by
-    caption_segments); stage 2 the official mPLUG-Owl JSONL, LLaVA JSON (entries with "conversations") or Alpaca
-    JSON, told apart entry by entry."""
-    if stage == 0 and str(path).endswith(".jsonl"):  # documents that span lines: {"text": ...} a line
-        items = [(document_segments(text), []) for text in load_text_jsonl(path)]
-    elif stage == 0:
-        with open(path) as f:
-            items = [([(line.strip(), True)], []) for line in f if line.strip()]
-    elif stage == 1:
+    """Every usable sample of one data file, tokenised. Stage 1: image-caption JSONL (laid out by caption_segments);
+    stage 2: the official mPLUG-Owl JSONL, or LLaVA JSON (entries with "conversations") and Alpaca JSON, told apart
+    entry by entry."""
+    if stage == 1:
         items = [(caption_segments(text, caption_prompt), [image]) for image, text in load_captions_jsonl(path)]
     else:
         convs = load_owl_jsonl(path) if str(path).endswith(".jsonl") else load_instruction_json(path)
@@ -245,8 +200,7 @@ def load_training_samples(path, stage, tokenizer, tokens_per_image, seq_len, cap
     present = [item for item in items if all(os.path.isfile(p) for p in item[1])]
     if len(present) < len(items):
         warnings.warn(f"{path}: skipped {len(items) - len(present)} samples whose image file is missing")
-    items = present
-    samples = [build_sample(tokenizer, segs, images, tokens_per_image, seq_len, stage == 0) for segs, images in items]
+    samples = [build_sample(tokenizer, segs, images, tokens_per_image, seq_len) for segs, images in present]
     dropped = sum(s is None for s in samples)
     if dropped:
         warnings.warn(f"{path}: dropped {dropped} samples left without an answer token by --seq-len {seq_len}")
@@ -271,36 +225,3 @@ def augment(img, rng, *more, flip=True):
     if flip and rng.random() < 0.5:
         images = tuple(i.transpose(Image.FLIP_LEFT_RIGHT) for i in images)
     return images if more else images[0]
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description="Owl data tools.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    p = commands.add_parser("synth", help="write the synthetic shapes data set",
-                            description="Draw shape scenes and write stage-1 captions, stage-2 instructions (official "
-                                        "mPLUG-Owl JSONL, LLaVA JSON, Alpaca JSON), corpus.txt, a held-out split and "
-                                        "tokenizer.model into one folder. The same seed gives the same files.")
-    p.add_argument("--out", required=True, help="folder to write into (created if missing)")
-    p.add_argument("--seed", type=int, default=0, help="random seed; the held-out split derives its own from it")
-    p.add_argument("--n-train", type=int, default=12000, help="stage-1 images with one caption each")
-    p.add_argument("--n-owl", type=int, default=8000,
-                   help="stage-2 conversations in official JSONL (on the stage-1 images; ~15%% compare two images)")
-    p.add_argument("--n-llava", type=int, default=4000, help="stage-2 single-image conversations in LLaVA JSON")
-    p.add_argument("--n-alpaca", type=int, default=600, help="text-only instructions in Alpaca JSON")
-    p.add_argument("--n-heldout", type=int, default=1000, help="held-out questions, each on a new image")
-    p.add_argument("--n-reading", type=int, default=20000,
-                   help="stage-0 chats about scenes given as shape vectors (reading.jsonl), no images")
-    p.add_argument("--n-drill", type=int, default=20000,
-                   help="stage-0 look-up drill chats (drill.jsonl): one position question about a 2-4 shape scene")
-    p.add_argument("--vocab-size", type=int, default=512, help="SentencePiece vocabulary size (an upper bound)")
-    args = parser.parse_args(argv)
-    if args.n_train < 2:
-        parser.error("--n-train must be at least 2 (comparisons need two images)")
-    start = time.time()
-    synthetic.synth(args.out, args.seed, args.n_train, args.n_owl, args.n_llava, args.n_alpaca, args.n_heldout,
-                    args.vocab_size, args.n_reading, args.n_drill)
-    print(f"wrote {args.out} in {time.time() - start:.1f} s")
-
-
-if __name__ == "__main__":
-    main()

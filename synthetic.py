@@ -6,14 +6,16 @@ instructions, in the official mPLUG-Owl JSONL and in LLaVA's JSON, with text-onl
 f_L). synth() writes all of it in those real formats, which data.py reads back as it reads real data. Every fact
 of a scene (colour, shape, count, position) is one word, so a held-out answer can be scored by the words it contains.
 
-    python data.py synth --out data/synth
+    python synthetic.py --out data/synth
 """
+import argparse
 import io
 import json
 import math
 import os
 import random
 import re
+import time
 
 from PIL import Image, ImageDraw
 from tqdm import tqdm
@@ -413,3 +415,33 @@ def accuracy_table(results):
         table[kind] = (correct + bool(ok), total + 1)
     table["all"] = (sum(c for c, _ in table.values()), sum(t for _, t in table.values()))
     return table
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Draw shape scenes and write stage-1 captions, stage-2 instructions "
+                                "(official mPLUG-Owl JSONL, LLaVA JSON, Alpaca JSON), the tiny f_L's stage-0 text, a "
+                                "held-out split and tokenizer.model into one folder. The same seed gives the same files.")
+    p.add_argument("--out", required=True, help="folder to write into (created if missing)")
+    p.add_argument("--seed", type=int, default=0, help="random seed; the held-out split derives its own from it")
+    p.add_argument("--n-train", type=int, default=12000, help="stage-1 images with one caption each")
+    p.add_argument("--n-owl", type=int, default=8000,
+                   help="stage-2 conversations in official JSONL (on the stage-1 images; ~15%% compare two images)")
+    p.add_argument("--n-llava", type=int, default=4000, help="stage-2 single-image conversations in LLaVA JSON")
+    p.add_argument("--n-alpaca", type=int, default=600, help="text-only instructions in Alpaca JSON")
+    p.add_argument("--n-heldout", type=int, default=1000, help="held-out questions, each on a new image")
+    p.add_argument("--n-reading", type=int, default=20000,
+                   help="stage-0 chats about scenes given as shape vectors (reading.jsonl), no images")
+    p.add_argument("--n-drill", type=int, default=20000,
+                   help="stage-0 look-up drill chats (drill.jsonl): one position question about a 2-4 shape scene")
+    p.add_argument("--vocab-size", type=int, default=512, help="SentencePiece vocabulary size (an upper bound)")
+    args = p.parse_args(argv)
+    if args.n_train < 2:
+        p.error("--n-train must be at least 2 (comparisons need two images)")
+    start = time.time()
+    synth(args.out, args.seed, args.n_train, args.n_owl, args.n_llava, args.n_alpaca, args.n_heldout,
+          args.vocab_size, args.n_reading, args.n_drill)
+    print(f"wrote {args.out} in {time.time() - start:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,18 +1,17 @@
 """Train Owl in the paper's two stages, on one CPU or many GPUs (DDP under torchrun).
 
-    stage 0  (tiny run only) pre-train the tiny f_L on a text corpus and on chats about scenes given as one vector a
-             shape (a short look-up drill first, --drill-steps), so that it can answer from its context, as LLaMA-7B
-             can; then the tiny f_V on labelled scenes (--vision-steps; tiny.py), so that it sees shapes, as CLIP's
-             ViT-L/14 does. The real recipe starts from LLaMA-7B (--llm-init) and CLIP (--vit-init) instead.
-    stage 1  pre-training: f_V and f_K (queries, visual_fc, vit_eos included) learn to caption; f_L frozen.
+    stage 1  pre-training: f_V and f_K (queries, visual_fc, vit_eos included) learn to caption images; f_L frozen.
+             Starts from CLIP's ViT-L/14 (--vit-init) and LLaMA-7B (--llm-init).
     stage 2  joint instruction tuning: f_V frozen; LoRA on f_L (q_proj, v_proj) and f_K trained on text-only and
-             multimodal instructions mixed (--freeze-abstractor freezes f_K, as the released code does).
+             multimodal instructions mixed (--freeze-abstractor freezes f_K, as the released code does). Starts from
+             a stage-1 checkpoint (--init).
 
-    python train.py --stage all                                   # the tiny Owl on data from `python data.py synth`
-    torchrun --nproc_per_node=8 train.py --stage 2 --init DIR --data llava.json --data alpaca.json:0.5 ...
+    torchrun --nproc_per_node=8 train.py --stage 1 --vit-init CLIP --llm-init LLAMA --data captions.jsonl ...
+    torchrun --nproc_per_node=8 train.py --stage 2 --init runs/owl/stage1 --data llava.json --data alpaca.json:0.5 ...
 
-Each stage writes DIR/stageN/: a full checkpoint in the official format (LoRA merged) that `python owl.py
+Each stage writes OUT_DIR/stageN/: a full checkpoint in the official format (LoRA merged) that `python owl.py
 --checkpoint` loads, the LoRA adapter alone (stage 2), metrics.jsonl, loss.png, and train_state.pt for --resume.
+The step, batch and learning-rate defaults are the tiny run's (tiny.py); a real run names its own.
 """
 import argparse
 import json
@@ -35,7 +34,6 @@ from tqdm import tqdm
 
 import data
 import lora
-import tiny
 from llama import Llama, RMSNorm, Tokenizer
 from owl import MAX_PIXELS, Owl, OwlConfig, UserError, read_image
 from vit import VisionTransformer
@@ -43,15 +41,17 @@ from vit import VisionTransformer
 
 @dataclass
 class TrainConfig:
-    stage: str = "all"  # 0, 1, 2, all (0, 1, 2 in turn), or eval (answer --heldout with the --init checkpoint)
-    out_dir: str = "runs/owl-tiny"  # each stage writes out_dir/stageN
-    data_dir: str = "data/synth"  # where `python data.py synth` wrote the tiny run's data
-    data: tuple = ()  # PATH or PATH:WEIGHT, repeatable; default: the stage's files in data_dir
-    model: str = "tiny"  # preset for a model built from scratch: tiny or owl-7b
-    init: str = ""  # an official mPLUG-Owl checkpoint folder to start from
-    vit_init: str = ""  # an HF CLIP folder for f_V (stage 1's usual start)
-    llm_init: str = ""  # an HF or Meta LLaMA folder for f_L
-    tokenizer: str = ""  # tokenizer.model; default: from --init / --llm-init / data_dir
+    stage: str = "1"  # 1, 2, or all (1 then 2; stage 2 starts from stage 1's result)
+    out_dir: str = "runs/owl"  # each stage writes out_dir/stageN
+    data: tuple = ()  # training data, PATH or PATH:WEIGHT, repeatable: stage 1 image-caption JSONL; stage 2 official mPLUG-Owl JSONL, LLaVA JSON or Alpaca JSON
+    stage2_data: tuple = ()  # with --stage all: stage 2's data (--data is stage 1's)
+    val_data: str = ""  # a file in the stage's format for the validation loss (with --stage all, stage 1's)
+    stage2_val_data: str = ""  # with --stage all: stage 2's validation file
+    model: str = "tiny"  # preset for the parts built from scratch (f_K, and f_V without --vit-init): tiny or owl-7b
+    init: str = ""  # an official mPLUG-Owl checkpoint folder to start from (stage 2's usual start)
+    vit_init: str = ""  # an HF CLIP folder for f_V (stage 1's start); without it f_V starts random
+    llm_init: str = ""  # an HF or Meta LLaMA folder for f_L (stage 1's start)
+    tokenizer: str = ""  # tokenizer.model; default: the one in the checkpoint or LLaMA folder the stage starts from
     steps: int = 0  # optimizer steps per stage; 0 = the stage's default
     batch_size: int = 0  # global batch (samples per optimizer step, all ranks); 0 = the stage's default
     micro_batch: int = 0  # samples per forward pass on one rank; 0 = gcd(per-rank batch, 16): few pads, same gradient
@@ -68,15 +68,10 @@ class TrainConfig:
     lora_targets: str = "q_proj,v_proj"  # comma-separated f_L Linear names that get LoRA
     freeze_abstractor: bool = False  # stage 2: keep f_K frozen, as the released code does (the paper trains it)
     max_pixels: int = MAX_PIXELS  # an image with more pixels is skipped (and counted), refused from its header
-    drill_steps: int = 300  # stage 0 of the tiny run: its first N steps train the f_L on data_dir/drill.jsonl alone (one position question about a 2-4 shape scene), where finding a shape by its name forms; 0 = none
-    vision_steps: int = 1200  # stage 0 of the tiny run, after f_L: steps pre-training the tiny f_V on the labelled scenes of data_dir/scenes.jsonl (where the real recipe starts from CLIP); 0 = none
-    vision_lr: float = 2e-3  # peak learning rate of that pre-training
     caption_prompt: str = "Describe the image."  # stage 1: each caption is learnt as the answer to this question about its image ("Human: <image>\nHuman: Q\nAI: caption", the chat layout stage 2 uses); "" puts the caption right after the image
     augment: bool = False  # stage-1 RandomResizedCrop + flip, as the official recipe (flips break left/right answers)
     grad_checkpointing: bool = False  # recompute f_V / f_L activations in backward to save memory
     eval_every: int = 0  # validation loss every N steps; 0 = at the end only
-    eval_samples: int = 1000  # held-out questions answered at the end of stage 2 (balanced over kinds)
-    heldout: str = ""  # held-out questions (JSONL as data.py writes); default: data_dir/heldout.jsonl
     save_every: int = 0  # train_state.pt every N steps; 0 = at the end only
     resume: bool = False  # continue from out_dir/stageN/train_state.pt (same settings required)
     seed: int = 1337  # seeds the initialisation, the data order and dropout
@@ -84,15 +79,9 @@ class TrainConfig:
     dtype: str = ""  # bfloat16 on CUDA, float32 on CPU
 
 
-# What each stage of the tiny run does by default: steps, global batch, peak lr, sized so that `make demo` finishes in
-# about 20 minutes on 2 CPU cores (README, "Where it stands", and its lab notes hold the measurements). Stage 0's f_L
-# runs at lr 1e-3 (at 3e-3 it did not learn to copy a described list) and long enough to answer from its context:
-# 300 look-up drill steps, then 1100 of the mix. With 700 mixed steps the reading check's position and describe
-# depended on the draw and the seed (85% / 73% on one); with 1100 they were 96-100% and 88-95% on two seeds. A
-# from-scratch f_V is the slow learner and unstable above lr 1e-3, so stage 1 gets most of the remaining time at that
-# rate; with f_V pre-trained in stage 0 (--vision-steps), 500 steps reach what 800 did within 1.7 points.
-STAGE_DEFAULTS = {0: dict(steps=1400, batch_size=64, lr=1e-3), 1: dict(steps=500, batch_size=64, lr=1e-3),
-                  2: dict(steps=300, batch_size=64, lr=1e-3)}
+# Defaults sized for the tiny run, so that `make demo` finishes in minutes on 2 CPU cores (docs/lab-notes.md holds
+# the measurements). A from-scratch f_V is unstable above lr 1e-3; stage 1 gets most of the time at that rate.
+STAGE_DEFAULTS = {1: dict(steps=500, batch_size=64, lr=1e-3), 2: dict(steps=300, batch_size=64, lr=1e-3)}
 
 
 def parse_args(argv=None) -> TrainConfig:
@@ -110,10 +99,14 @@ def parse_args(argv=None) -> TrainConfig:
                            help=f"{comments.get(name, '')} (default: {f.default!r})".replace("%", "%%"))
     args = p.parse_args(argv)
     cfg = TrainConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in vars(args).items()})
-    if cfg.stage not in ("0", "1", "2", "all", "eval"):
-        p.error("--stage must be 0, 1, 2, all or eval")
-    if cfg.stage == "eval" and not cfg.init:
-        p.error("--stage eval needs --init CHECKPOINT")
+    if cfg.stage not in ("1", "2", "all"):
+        p.error("--stage must be 1, 2 or all")
+    if not cfg.data:
+        p.error("--data is required: the training data files of the stage")
+    if cfg.stage == "all" and not cfg.stage2_data:
+        p.error("--stage all needs --stage2-data (stage 2's files; --data is stage 1's)")
+    if cfg.stage != "all" and (cfg.stage2_data or cfg.stage2_val_data):
+        p.error("--stage2-data and --stage2-val-data go with --stage all only")
     if cfg.max_bad_steps < 1:
         p.error("--max-bad-steps must be at least 1")
     if cfg.max_pixels < 1:
@@ -157,21 +150,15 @@ def setup_distributed(cfg: TrainConfig):
 
 def build_model(cfg: TrainConfig, stage: int, tokenizer: Tokenizer, device, dtype):
     """The model a stage starts from, with exactly the parameters that stage trains set to requires_grad."""
-    prev = Path(cfg.out_dir) / f"stage{stage - 1}"
-    if stage == 0:
-        tcfg = OwlConfig.preset(cfg.model).text
-        tcfg.vocab_size = max(tcfg.vocab_size, tokenizer.vocab_size)
-        model = Llama(tcfg)
-        model.init_weights()
-        return model.to(device)
+    prev = Path(cfg.out_dir) / "stage1"
     if cfg.init:
         model = Owl.from_pretrained(cfg.init, torch.float32, device)
     elif stage == 2 and (prev / "config.json").exists() and not cfg.llm_init:
         model = Owl.from_pretrained(prev, torch.float32, device)
-    else:  # stage 1 from parts: a random or CLIP f_V, a random f_K, f_L from stage 0 or a LLaMA folder
+    else:  # from parts: f_V from CLIP (or random), a random f_K, f_L from a LLaMA folder
         ocfg = OwlConfig.preset(cfg.model)
-        llm_dir = cfg.llm_init or str(prev)
-        llm = Llama.from_meta(llm_dir) if (Path(llm_dir) / "params.json").exists() else Llama.from_hf(llm_dir)
+        meta = (Path(cfg.llm_init) / "params.json").exists()
+        llm = Llama.from_meta(cfg.llm_init) if meta else Llama.from_hf(cfg.llm_init)
         ocfg.text = llm.cfg
         ocfg.abstractor.llm_hidden_size = llm.cfg.hidden_size
         if cfg.vit_init:
@@ -180,11 +167,6 @@ def build_model(cfg: TrainConfig, stage: int, tokenizer: Tokenizer, device, dtyp
             ocfg.abstractor.hidden_size = vit.cfg.hidden_size
         model = Owl(ocfg)
         model.init_weights()
-        pretrained_vit = Path(llm_dir) / "vision.safetensors"  # the tiny run's stage 0 pre-trains f_V beside f_L
-        if not cfg.vit_init and pretrained_vit.exists():
-            from safetensors.torch import load_file
-            model.vision_model.load_state_dict(load_file(pretrained_vit), strict=True)
-            model.vision_source = pretrained_vit  # named in the stage's first line
         model.language_model = llm
         if cfg.vit_init:
             model.vision_model = vit
@@ -199,7 +181,7 @@ def build_model(cfg: TrainConfig, stage: int, tokenizer: Tokenizer, device, dtyp
         lora.apply_lora(model.language_model, tuple(cfg.lora_targets.split(",")), cfg.lora_r, cfg.lora_alpha,
                         cfg.lora_dropout)
         lora.mark_only_lora_trainable(model, extra=() if cfg.freeze_abstractor else ("abstractor.",))
-    if device.startswith("cuda") and dtype == torch.bfloat16:
+    if str(device).startswith("cuda") and dtype == torch.bfloat16:
         model.language_model.to(torch.bfloat16)  # frozen f_L held in bf16; LoRA params stay fp32 (lora.py)
         for m in model.language_model.modules():
             if isinstance(m, lora.LoRALinear):
@@ -210,34 +192,29 @@ def build_model(cfg: TrainConfig, stage: int, tokenizer: Tokenizer, device, dtyp
 
 
 def find_tokenizer(cfg: TrainConfig, stage: int) -> Path:
-    """The tokenizer of the model a stage starts from: the checkpoint's own, else the data's (a fresh run)."""
-    prev = Path(cfg.out_dir) / f"stage{stage - 1}" / "tokenizer.model"
+    """The tokenizer of the model a stage starts from: --tokenizer, else the checkpoint's or the LLaMA folder's."""
+    prev = Path(cfg.out_dir) / "stage1" / "tokenizer.model"
     for cand in (cfg.tokenizer, cfg.init and Path(cfg.init) / "tokenizer.model",
-                 cfg.llm_init and Path(cfg.llm_init) / "tokenizer.model", stage > 0 and prev,
-                 Path(cfg.data_dir) / "tokenizer.model"):
+                 cfg.llm_init and Path(cfg.llm_init) / "tokenizer.model", stage == 2 and prev):
         if cand and Path(cand).exists():
             return Path(cand)
-    fail("no tokenizer.model found; pass --tokenizer, or run `python data.py synth` first")
+    fail("no tokenizer.model found beside --init or --llm-init; pass --tokenizer")
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Data: every sample is tokenised once, up front, into (ids, labels, image paths).
 
-def load_samples(cfg: TrainConfig, stage: int, tokenizer: Tokenizer, tokens_per_image: int):
-    d = Path(cfg.data_dir)
-    sources = list(cfg.data) or {0: [f"{d / 'corpus.txt'}", f"{d / 'reading.jsonl'}:3", f"{d / 'drill.jsonl'}:2"],
-                                 1: [f"{d / 'stage1.jsonl'}", f"{d / 'stage1_single.jsonl'}"],
-                                 2: [f"{d / 'stage2_owl.jsonl'}", f"{d / 'stage2_llava.json'}",
-                                     f"{d / 'stage2_alpaca.json'}:0.3"]}[stage]
+def load_samples(specs, stage: int, tokenizer: Tokenizer, tokens_per_image: int, seq_len: int,
+                 caption_prompt: str = "", load=data.load_training_samples) -> list:
+    """[(samples, weight)] for each --data PATH[:WEIGHT]; load(path, stage, tokenizer, tokens_per_image, seq_len,
+    caption_prompt) reads one file (the tiny run passes its own reader of stage-0 text)."""
     out = []
-    for spec in sources:
+    for spec in specs:
         path, weight = parse_source(spec)
         if not Path(path).is_file():
-            hint = "" if cfg.data else f" (write it with `python data.py synth --out {cfg.data_dir}`)"
-            fail(f"data file {path} does not exist{hint}")
+            fail(f"data file {path} does not exist")
         try:
-            samples = data.load_training_samples(path, stage, tokenizer, tokens_per_image, cfg.seq_len,
-                                                 cfg.caption_prompt)
+            samples = load(path, stage, tokenizer, tokens_per_image, seq_len, caption_prompt)
         except (ValueError, IndexError, KeyError, TypeError) as e:  # not JSON, or not the stage's format at all
             fail(f"{path} is not stage-{stage} training data ({type(e).__name__}: {e})")
         if not samples:
@@ -249,6 +226,7 @@ def load_samples(cfg: TrainConfig, stage: int, tokenizer: Tokenizer, tokens_per_
 def parse_source(spec: str) -> tuple:
     """--data PATH or PATH:WEIGHT -> (path, weight). The weight follows the last colon, so a path may hold colons
     (C:/data/x.json:0.5); a spec naming an existing file, or whose last part is not a number, is all path."""
+    spec = str(spec)
     head, sep, tail = spec.rpartition(":")
     if not sep or Path(spec).exists():
         return spec, 1.0
@@ -279,16 +257,8 @@ def sample_order(sources, n: int, seed: int):
     return order
 
 
-def stage_order(cfg: TrainConfig, stage: int, sources):
-    """A stage's samples, step by step. Stage 0 of the tiny run (its default data) starts with --drill-steps
-    batches of the look-up drill alone (drill.jsonl, its last source), then mixes every source."""
-    drill = min(cfg.drill_steps, cfg.steps) if stage == 0 and not cfg.data else 0
-    return (sample_order(sources[-1:], drill * cfg.batch_size, cfg.seed + stage + 1)
-            + sample_order(sources, (cfg.steps - drill) * cfg.batch_size, cfg.seed + stage))
-
-
 class ImageCache:
-    """Preprocessed pixels by path; kept in memory unless augmenting, since the tiny run reads each image often."""
+    """Preprocessed pixels by path; kept in memory unless augmenting, since a small run reads each image often."""
 
     def __init__(self, transform, augment: bool, max_pixels: int = MAX_PIXELS):
         self.transform, self.augment, self.max_pixels, self.cache, self.failed = transform, augment, max_pixels, {}, 0
@@ -305,14 +275,14 @@ class ImageCache:
         return torch.zeros(3, self.transform.image_size, self.transform.image_size)
 
 
-def collate(samples, images: ImageCache, rng, device):
-    """Pad a micro-batch (right, label -100): ids, labels, pixels (or None) and the word ids of stage 0's shape
-    vectors (or None; see tiny.shape_embeddings). A sample whose image cannot be read (missing, truncated, not an
-    image, over owl.MAX_PIXELS) is skipped and counted."""
+def collate(samples, images: ImageCache, rng, device, blank: bool = False):
+    """Pad a micro-batch (right, label -100): (ids, labels, pixels or None, the samples kept). A sample whose image
+    cannot be read (missing, truncated, not an image, over --max-pixels) is skipped and counted; None if none is left.
+    images: an ImageCache (blank=True: black images in place of every image, see fit)."""
     kept, pixels = [], []
     for s in samples:
         try:
-            pixels += [images(p, rng) for p in s.images]
+            pixels += [(images.blank if blank else images)(p, rng) for p in s.images]
             kept.append(s)
         except UserError as e:
             images.failed += 1
@@ -327,19 +297,19 @@ def collate(samples, images: ImageCache, rng, device):
     for i, s in enumerate(kept):
         ids[i, : len(s.ids)] = torch.tensor(s.ids)
         labels[i, : len(s.labels)] = torch.tensor(s.labels)
-    shapes = tiny.shape_tensor([w for s in kept for w in s.shapes], device)
-    return ids.to(device), labels.to(device), torch.stack(pixels).to(device) if pixels else None, shapes
+    return ids.to(device), labels.to(device), torch.stack(pixels).to(device) if pixels else None, kept
 
 
-def summed_loss(model, ids, labels, pixels, shapes=None):
-    """Sum of the next-token cross-entropy over the answer tokens (labels != -100). Position t predicts token t + 1;
-    f_L makes logits only for positions with a target, a block at a time (llama.ChunkedCrossEntropy): the image
-    tokens and prompts get none, and the (B, T, 32000) float32 logits of owl-7b never exist whole."""
-    targets = F.pad(labels[:, 1:], (0, 1), value=-100)
-    inner = model.module if hasattr(model, "module") else model  # DDP wraps the model
-    if isinstance(inner, Llama):
-        return model(inputs_embeds=tiny.shape_embeddings(inner, ids, shapes), targets=targets)
-    return model(ids, pixels, targets=targets)
+def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
+    """Position t predicts token t + 1: the labels moved one to the left, -100 (no loss) at the end."""
+    return F.pad(labels[:, 1:], (0, 1), value=-100)
+
+
+def summed_loss(model, ids, labels, pixels):
+    """Sum of the next-token cross-entropy over the answer tokens (labels != -100). f_L makes logits only for
+    positions with a target, a block at a time (llama.ChunkedCrossEntropy): the image tokens and prompts get none,
+    and the (B, T, 32000) float32 logits of owl-7b never exist whole."""
+    return model(ids, pixels, targets=shifted_targets(labels))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -474,52 +444,93 @@ def peak_flops(device) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# One stage
+# One stage: build the model, read the data, fit, export
+
+def stage_config(cfg: TrainConfig, stage: int) -> TrainConfig:
+    """cfg with the stage's defaults filled in and its own data: for --stage all, stage 2 reads --stage2-data."""
+    filled = {k: getattr(cfg, k) or v for k, v in STAGE_DEFAULTS[stage].items()}
+    if cfg.stage == "all" and stage == 2:
+        filled.update(data=cfg.stage2_data, val_data=cfg.stage2_val_data)
+    out = TrainConfig(**{**asdict(cfg), **filled})
+    out.warmup = out.warmup or max(1, out.steps // 20)
+    return out
+
 
 def train_stage(cfg: TrainConfig, stage: int, rank: int, world: int, device: str) -> Path:
+    """Stage 1 or 2, from its start (build_model) to its checkpoint in out_dir/stageN."""
+    cfg = stage_config(cfg, stage)
     out = Path(cfg.out_dir) / f"stage{stage}"
-    master = rank == 0
-    defaults = STAGE_DEFAULTS[stage]
-    cfg = TrainConfig(**{**asdict(cfg), **{k: getattr(cfg, k) or v for k, v in defaults.items()}})
-    cfg.warmup = cfg.warmup or max(1, cfg.steps // 20)
-    if cfg.batch_size % world:
-        fail(f"--batch-size {cfg.batch_size} is not divisible by the {world} ranks")
-    per_rank = cfg.batch_size // world
-    # samples are sorted by length before they are cut into micro-batches, so short micro-batches pad little (one
-    # micro-batch of 64 is padded to its longest sample: about twice the work in stage 0)
-    micro = cfg.micro_batch or math.gcd(per_rank, 16)
-    if per_rank % micro:
-        fail(f"the per-rank batch {per_rank} is not divisible by --micro-batch {micro}")
-    on_cuda = device.startswith("cuda")
-    dtype = getattr(torch, cfg.dtype) if cfg.dtype else (torch.bfloat16 if on_cuda else torch.float32)
+    dtype = getattr(torch, cfg.dtype) if cfg.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     torch.manual_seed(cfg.seed + stage)
-
+    after_stage1 = stage == 2 and (Path(cfg.out_dir) / "stage1" / "config.json").exists()
+    if not (cfg.init or cfg.llm_init or after_stage1):
+        fail(f"stage {stage} needs --init (an Owl checkpoint) or --llm-init (a LLaMA folder) to start from")
     tok_path = find_tokenizer(cfg, stage)
     tokenizer = Tokenizer(tok_path)
     model = build_model(cfg, stage, tokenizer, device, dtype)
-    is_llm = isinstance(model, Llama)
-    tpi = 0 if is_llm else model.cfg.tokens_per_image
-    sources = load_samples(cfg, stage, tokenizer, tpi)
-    order = stage_order(cfg, stage, sources)
-    transform = None if is_llm else model.image_transform
-    images = ImageCache(transform, cfg.augment and stage == 1, cfg.max_pixels)
+    tpi = model.cfg.tokens_per_image
+    sources = load_samples(cfg.data, stage, tokenizer, tpi, cfg.seq_len, cfg.caption_prompt)
+    order = sample_order(sources, cfg.steps * cfg.batch_size, cfg.seed + stage)
+    images = ImageCache(model.image_transform, cfg.augment and stage == 1, cfg.max_pixels)
+    # the trained parameters that a micro-batch without images (stage 2's text-only instructions) leaves out
+    idle = [p for part in (model.vision_model, model.abstractor) for p in part.parameters() if p.requires_grad]
+
+    def micro_loss(ddp_model, samples, rng):
+        batch, weight = collate(samples, images, rng, device), 1.0
+        if batch is None:
+            # Every image of this micro-batch unreadable: its samples still go through, with blank images and no
+            # weight, since every rank must run each backward that DDP synchronises, or the others wait.
+            batch, weight = collate(samples, images, rng, device, blank=True), 0.0
+        ids, labels, pixels, _ = batch
+        loss = summed_loss(ddp_model, ids, labels, pixels) * weight
+        if pixels is None and idle:
+            # DDP waits in each backward for the gradient of every trained parameter: f_V's and f_K's get a zero one
+            # here (so a step with no image at all moves them as AdamW moves any parameter with a zero gradient)
+            loss = loss + sum(p.sum() for p in idle) * 0.0
+        return loss, ids
+
+    val = None
+    if cfg.val_data:
+        val_samples = load_samples([cfg.val_data], stage, tokenizer, tpi, cfg.seq_len, cfg.caption_prompt)[0][0]
+        val = lambda: validation_loss(model, val_samples[:256], micro_loss)  # noqa: E731
+    frozen = [model.language_model] if stage == 1 else [model.vision_model] + (
+        [model.abstractor] if cfg.freeze_abstractor else [])
+    vision = f", f_V from {cfg.vit_init}" if cfg.vit_init else ""
+    fit(model, cfg, order, micro_loss, out, f"stage {stage}", rank, world, device,
+        signature=run_signature(cfg, stage, asdict(model.cfg)), frozen=frozen, validate=val,
+        bad_images=lambda: images.failed, intro=f"{sum(len(s) for s, _ in sources)} samples{vision}")
+    if rank == 0:
+        export(model, stage, out, tok_path)
+    return out
+
+
+def fit(model, cfg: TrainConfig, order: list, micro_loss, out: Path, name: str, rank: int, world: int, device: str,
+        signature: dict, frozen=(), validate=None, bad_images=lambda: 0, intro: str = "") -> None:
+    """The training loop, for any model and loss: cfg.steps AdamW steps of cfg.batch_size samples from order (the
+    run's global sample order), each rank taking its share in micro-batches of cfg.micro_batch;
+    micro_loss(model, samples, rng) -> (summed loss, ids). DDP under torchrun, NaN skips, SIGTERM / Ctrl-C,
+    train_state.pt for --resume, metrics.jsonl (with MFU on a known GPU), validate() -> loss or None. Frozen parts
+    run in eval mode (no dropout). Exits with 130 when stopped, 1 after --max-bad-steps bad steps in a row."""
+    master, on_cuda = rank == 0, device.startswith("cuda")
+    if cfg.batch_size % world:
+        fail(f"--batch-size {cfg.batch_size} is not divisible by the {world} ranks")
+    per_rank = cfg.batch_size // world
+    # samples are sorted by length before they are cut into micro-batches, so short micro-batches pad little
+    micro = cfg.micro_batch or math.gcd(per_rank, 16)
+    if per_rank % micro:
+        fail(f"the per-rank batch {per_rank} is not divisible by --micro-batch {micro}")
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=(0.9, 0.95), fused=on_cuda)
-    model_cfg = asdict(model.cfg)
-    signature = run_signature(cfg, stage, model_cfg)
     step, skipped, state_path = 0, 0, out / "train_state.pt"
     if cfg.resume:
         step, skipped = resume_from(state_path, signature, model, opt, rank, device)
         if master and step:
-            print(f"resuming stage {stage} at step {step}", file=sys.stderr)
+            print(f"resuming {name} at step {step}", file=sys.stderr)
     saved_at = step if step else None  # the step train_state.pt holds
-    # the trained parameters that a micro-batch without images (stage 2's text-only instructions) leaves out
-    idle = [] if is_llm else [p for part in (model.vision_model, model.abstractor) for p in part.parameters()
-                              if p.requires_grad]
     ddp_model = model
     if world > 1:
-        # every backward reaches every trained parameter (idle ones get a zero gradient), so DDP needs no search
-        # for unused ones: a graph traversal each step, and a warning each run where it finds none
+        # every backward reaches every trained parameter (micro_loss gives idle ones a zero gradient), so DDP needs
+        # no search for unused ones: a graph traversal each step, and a warning each run where it finds none
         ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if on_cuda else None)
         # DDP copies each gradient into a flat bucket laid out as its parameter. The gradient of a (1, 1, D) parameter
         # (vit_eos, cls_token) can come as a slice of a larger gradient, with other strides, which DDP copies with a
@@ -529,16 +540,14 @@ def train_stage(cfg: TrainConfig, stage: int, rank: int, world: int, device: str
     n_params = sum(p.numel() for p in model.parameters())
     if master:
         out.mkdir(parents=True, exist_ok=True)
-        n_train = sum(p.numel() for p in params)
-        print(f"stage {stage}: {n_train / 1e6:.2f}M trainable of {n_params / 1e6:.2f}M "
-              f"parameters, {sum(len(s) for s, _ in sources)} samples, {cfg.steps} steps of {cfg.batch_size}"
-              + (f", f_V from {model.vision_source}" if getattr(model, "vision_source", None) else ""), file=sys.stderr)
+        print(f"{name}: {sum(p.numel() for p in params) / 1e6:.2f}M trainable of {n_params / 1e6:.2f}M parameters, "
+              f"{cfg.steps} steps of {cfg.batch_size}" + (f", {intro}" if intro else ""), file=sys.stderr)
     # MFU with PaLM's model FLOPs (Chowdhery et al. 2022, appendix B): a token of a sequence of T costs 6 N (forward
     # 2 N, backward 4 N, over all N parameters, frozen ones too) + 12 L D T (attention scores and their use in f_L)
-    text = model.cfg if is_llm else model.cfg.text
+    text = model.cfg if isinstance(model, Llama) else model.cfg.text
     attention_flops = 12 * text.num_layers * text.hidden_size  # times T, per token
     peak = peak_flops(device) * world
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda and dtype == torch.bfloat16 else nullcontext()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda and cfg.dtype in ("", "bfloat16") else nullcontext()
     # SIGTERM or a first Ctrl-C asks to stop: the step under way finishes, then the state is saved. A second Ctrl-C
     # interrupts at once and saves nothing, since the step it lands in may be half applied.
     stop = {"asked": False}
@@ -550,7 +559,6 @@ def train_stage(cfg: TrainConfig, stage: int, rank: int, world: int, device: str
     handlers = {sig: signal.signal(sig, ask_to_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def save_state():
-        nonlocal saved_at
         # the random state of every rank (dropout, augmentation), CPU and CUDA, so that each resumes its own stream
         rngs = [{"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if on_cuda else None}] * world
         if world > 1:
@@ -558,14 +566,22 @@ def train_stage(cfg: TrainConfig, stage: int, rank: int, world: int, device: str
         if master:
             atomic_save({"signature": signature, "trainable": trainable_state(model), "optimizer": opt.state_dict(),
                          "step": step, "skipped": skipped, "rng": rngs}, state_path)
-        saved_at = step
+        return step
 
-    model.train()
-    frozen = {0: [], 1: [getattr(model, "language_model", None)],
-              2: [getattr(model, "vision_model", None)] + ([model.abstractor] if cfg.freeze_abstractor else [])}[stage]
-    for part in filter(None, frozen):
-        part.eval()  # a frozen part runs as at inference: no dropout
-    bar = tqdm(total=cfg.steps, initial=step, disable=not master, desc=f"stage {stage}", dynamic_ncols=True)
+    def train_mode():
+        model.train()
+        for part in frozen:
+            part.eval()  # a frozen part runs as at inference: no dropout
+
+    def log_validation():
+        if validate and master:
+            with autocast:
+                loss = validate()
+            log.write(json.dumps({"stage": name, "step": step, "val_loss": round(loss, 4)}) + "\n")
+        train_mode()
+
+    train_mode()
+    bar = tqdm(total=cfg.steps, initial=step, disable=not master, desc=name, dynamic_ncols=True)
     log = open_log(out / "metrics.jsonl", step) if master else None
     stopping, bad_in_a_row = False, 0
     try:
@@ -580,23 +596,12 @@ def train_stage(cfg: TrainConfig, stage: int, rank: int, world: int, device: str
                 g["lr"] = lr_at(step, cfg) * g["lr_scale"]
             total, tokens, flops = 0.0, 0, 0
             for i in range(0, per_rank, micro):
-                last = i + micro >= per_rank
-                batch_tensors, weight = collate(mine[i: i + micro], images, rng, device), 1.0
-                if batch_tensors is None:
-                    # Every image of this micro-batch unreadable: its samples still go through, with blank images and
-                    # no weight, since every rank must run each backward that DDP synchronises, or the others wait.
-                    batch_tensors, weight = collate(mine[i: i + micro], images.blank, rng, device), 0.0
-                ids, labels, pixels, shapes = batch_tensors
-                sync = nullcontext() if last or world == 1 else ddp_model.no_sync()
+                sync = nullcontext() if i + micro >= per_rank or world == 1 else ddp_model.no_sync()
                 with sync, autocast:
+                    loss, ids = micro_loss(ddp_model, mine[i: i + micro], rng)
                     # the sum over this micro-batch / the target count of the whole global batch, times the ranks
                     # DDP averages over: the same gradient as one process on the whole batch
-                    loss = summed_loss(ddp_model, ids, labels, pixels, shapes) * (weight * world / max(1, n_targets))
-                    if pixels is None and idle:
-                        # DDP waits in each backward for the gradient of every trained parameter: f_V's and f_K's
-                        # get a zero one here (and so a step with no image at all moves them as AdamW moves any
-                        # parameter with a zero gradient, by momentum and weight decay, on one rank as on many)
-                        loss = loss + sum(p.sum() for p in idle) * 0.0
+                    loss = loss * (world / max(1, n_targets))
                     loss.backward()
                 total += loss.item() / world
                 tokens += ids.numel()
@@ -604,10 +609,10 @@ def train_stage(cfg: TrainConfig, stage: int, rank: int, world: int, device: str
             # Every rank must decide alike whether to skip and whether to stop: the loss is summed over the ranks
             # (and a stop request with it, and the unreadable images to count), and the gradient norm comes from
             # DDP's averaged gradients.
-            agreed = torch.tensor([total, float(stop["asked"]), images.failed], dtype=torch.float64, device=device)
+            agreed = torch.tensor([total, float(stop["asked"]), bad_images()], dtype=torch.float64, device=device)
             if world > 1:
                 dist.all_reduce(agreed)
-            total, stopping, bad_images = agreed[0].item(), agreed[1].item() > 0, int(agreed[2].item())
+            total, stopping, bad = agreed[0].item(), agreed[1].item() > 0, int(agreed[2].item())
             norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or math.inf))
             if math.isfinite(total) and math.isfinite(norm):
                 opt.step()
@@ -616,28 +621,15 @@ def train_stage(cfg: TrainConfig, stage: int, rank: int, world: int, device: str
                 skipped, bad_in_a_row = skipped + 1, bad_in_a_row + 1
             opt.zero_grad(set_to_none=True)
             step += 1
-            dt = time.time() - t0
             if master:
-                tps = tokens * world / dt
-                stats = {"stage": stage, "step": step, "loss": round(total, 4) if math.isfinite(total) else None,
-                         "lr": lr_at(step - 1, cfg), "grad_norm": round(norm, 4) if math.isfinite(norm) else None,
-                         "tokens_per_s": round(tps, 1), "skipped_steps": skipped, "bad_images": bad_images}
-                if peak:
-                    stats["mfu"] = round(flops * world / dt / peak, 4)
-                log.write(json.dumps(stats) + "\n")
-                log.flush()  # readable while the run goes on (tail -f)
-                bar.set_postfix(loss=f"{total:.3f}", lr=f"{stats['lr']:.1e}", tok_s=f"{tps:.0f}",
-                                **({"mfu": f"{stats['mfu']:.1%}"} if peak else {}),
-                                **({"skipped": skipped} if skipped else {}),
-                                **({"bad_images": bad_images} if bad_images else {}))
-                bar.update(1)
+                dt = time.time() - t0
+                log_step(log, bar, name, step, total, norm, lr_at(step - 1, cfg), tokens * world / dt, skipped, bad,
+                         flops * world / dt / peak if peak else None)
             # only after a good step, so that train_state.pt always holds the state a good step left
             if cfg.save_every and step % cfg.save_every == 0 and not bad_in_a_row:
-                save_state()
-            if cfg.eval_every and step % cfg.eval_every == 0 and master:
-                val = validation_loss(model, cfg, stage, tokenizer, tpi, images, device, autocast)
-                if val is not None:
-                    log.write(json.dumps({"stage": stage, "step": step, "val_loss": round(val, 4)}) + "\n")
+                saved_at = save_state()
+            if cfg.eval_every and step % cfg.eval_every == 0:
+                log_validation()
     except KeyboardInterrupt:
         if master:
             print(f"\ntrain: interrupted in step {step + 1}; {state_path} holds step {saved_at}", file=sys.stderr)
@@ -661,31 +653,27 @@ def train_stage(cfg: TrainConfig, stage: int, rank: int, world: int, device: str
             print(f"train: stopped at step {step}; continue with --resume", file=sys.stderr)
         sys.exit(130)
     if master:
-        val = validation_loss(model, cfg, stage, tokenizer, tpi, images, device, autocast)
-        if val is not None:
-            log.write(json.dumps({"stage": stage, "step": step, "val_loss": round(val, 4)}) + "\n")
+        log_validation()
         log.close()
-        export(model, stage, out, tok_path, cfg)
         plot_losses(out / "metrics.jsonl", out / "loss.png")
-        heldout = Path(cfg.heldout or Path(cfg.data_dir) / "heldout.jsonl")
-        if stage == 2 and heldout.exists():
-            tiny.evaluate(out, heldout, cfg.eval_samples, device)
-        reading = Path(cfg.data_dir) / "heldout_reading.jsonl"
-        if stage == 0 and not cfg.data and reading.exists():
-            tiny.evaluate_reading(model, tokenizer, out, reading, cfg.eval_samples)
-    return out
 
 
-def export(model, stage: int, out: Path, tok_path: Path, cfg: TrainConfig) -> None:
-    """Write the stage's result: stage 0 an HF LLaMA folder; stages 1-2 an official Owl folder (LoRA merged)."""
-    from safetensors.torch import save_file
+def log_step(log, bar, name, step, loss, norm, lr, tokens_per_s, skipped, bad_images, mfu) -> None:
+    """One line of metrics.jsonl (flushed, so `tail -f` follows the run) and the progress bar's figures."""
+    stats = {"stage": name, "step": step, "loss": round(loss, 4) if math.isfinite(loss) else None, "lr": lr,
+             "grad_norm": round(norm, 4) if math.isfinite(norm) else None, "tokens_per_s": round(tokens_per_s, 1),
+             "skipped_steps": skipped, "bad_images": bad_images, **({"mfu": round(mfu, 4)} if mfu is not None else {})}
+    log.write(json.dumps(stats) + "\n")
+    log.flush()
+    bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{tokens_per_s:.0f}",
+                    **({"mfu": f"{mfu:.1%}"} if mfu is not None else {}), **({"skipped": skipped} if skipped else {}),
+                    **({"bad_images": bad_images} if bad_images else {}))
+    bar.update(1)
 
+
+def export(model, stage: int, out: Path, tok_path: Path) -> None:
+    """Write the stage's result as an official Owl folder (LoRA merged; stage 2 also writes the adapter alone)."""
     model = model.float().eval()
-    if stage == 0:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / "model.safetensors")
-        (out / "config.json").write_text(json.dumps(model.cfg.to_hf(), indent=2))
-        (out / "tokenizer.model").write_bytes(tok_path.read_bytes())
-        return
     if stage == 2:
         lora.save_lora(model, out / "lora.safetensors")
         lora.remove_lora(model)
@@ -693,22 +681,14 @@ def export(model, stage: int, out: Path, tok_path: Path, cfg: TrainConfig) -> No
 
 
 @torch.no_grad()
-def validation_loss(model, cfg, stage, tokenizer, tpi, images, device, autocast):
-    """Mean answer-token loss on the validation file next to the training data, if there is one."""
-    d = Path(cfg.data_dir)
-    path = {0: d / "val_corpus.txt", 1: d / "val_stage1.jsonl", 2: d / "val_stage2_owl.jsonl"}[stage]
-    if not path.exists():
-        return None
-    samples = data.load_training_samples(path, stage, tokenizer, tpi, cfg.seq_len, cfg.caption_prompt)[:256]
-    was_training = model.training
+def validation_loss(model, samples: list, micro_loss) -> float:
+    """Mean loss per answer token over held-out samples, in eval mode (no dropout)."""
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(samples), 32):
-        ids, labels, pixels, shapes = collate(samples[i: i + 32], images, random.Random(0), device)
-        with autocast:
-            total += summed_loss(model, ids, labels, pixels, shapes).item()
-        count += int((labels[:, 1:] != -100).sum())
-    model.train(was_training)
+        loss, _ = micro_loss(model, samples[i: i + 32], random.Random(0))
+        total += loss.item()
+        count += sum(sum(label != -100 for label in s.labels[1:]) for s in samples[i: i + 32])
     return total / max(1, count)
 
 
@@ -735,23 +715,10 @@ def plot_losses(metrics: Path, png: Path) -> None:
 
 def main(argv=None) -> None:
     cfg = parse_args(argv)
-    if cfg.stage == "eval":
-        device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        heldout = Path(cfg.heldout or Path(cfg.data_dir) / "heldout.jsonl")
-        if not heldout.is_file():
-            fail(f"the held-out file {heldout} does not exist (write one with `python data.py synth`)")
-        if not (Path(cfg.init) / "config.json").is_file():
-            fail(f"{cfg.init} is not a checkpoint folder (no config.json)")
-        tiny.evaluate(Path(cfg.init), heldout, cfg.eval_samples, device)
-        return
     rank, world, device = setup_distributed(cfg)
     try:
-        stages = [0, 1, 2] if cfg.stage == "all" else [int(cfg.stage)]
-        for stage in stages:
+        for stage in [1, 2] if cfg.stage == "all" else [int(cfg.stage)]:
             train_stage(cfg, stage, rank, world, device)
-            if stage == 0:
-                # the batch of stage 0's f_L, whose division over the ranks train_stage has checked
-                tiny.pretrain_vision(cfg, cfg.batch_size or STAGE_DEFAULTS[0]["batch_size"], rank, world, device)
             if world > 1:
                 dist.barrier()
     finally:

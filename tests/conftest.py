@@ -96,3 +96,76 @@ def assert_close(actual, expected, ops: int = 1, dtype=None) -> None:
     scale = float(expected.detach().abs().max()) if expected.numel() else 0.0
     atol = ops * torch.finfo(dtype).eps * scale
     torch.testing.assert_close(actual.to(expected.dtype), expected, atol=atol, rtol=0)
+
+
+# --- training runs, shared by test_train.py and test_tiny.py ------------------------------------------------------
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# GPUs hidden: these runs are compared with each other and with CPU results, bit for bit
+TRAIN_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, "CUDA_VISIBLE_DEVICES": ""}
+TIMEOUT = 300  # seconds for any one training run here; the slowest takes about 30 on 2 cores
+SMALL = ["--batch-size", "8", "--seq-len", "160"]
+
+
+def subprocess_run(cmd, timeout=TIMEOUT):
+    """subprocess.run with a timeout that also ends the children (torchrun's ranks): a run that hangs fails the test."""
+    import signal
+    import subprocess
+
+    proc = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, env=TRAIN_ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise AssertionError(f"{' '.join(map(str, cmd))} did not end within {timeout} s")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def run_script(script: str, *args, check=True):
+    """python SCRIPT ARGS in the repository (train.py, tiny.py); fails the test with its stderr unless it succeeds."""
+    p = subprocess_run([sys.executable, os.path.join(ROOT, script), *map(str, args)])
+    if check and p.returncode != 0:
+        raise AssertionError(f"{script} {' '.join(map(str, args))} failed ({p.returncode}):\n{p.stderr[-3000:]}")
+    return p
+
+
+def stage1_args(synth, pretrained) -> list:
+    """train.py's stage 1 on the small synthetic data, from the tiny stand-ins in pretrained/llm and pretrained/vit."""
+    return ["--stage", "1", "--llm-init", pretrained / "llm", "--vit-init", pretrained / "vit",
+            "--data", synth / "stage1.jsonl", "--data", synth / "stage1_single.jsonl"]
+
+
+def stage2_args(synth, init) -> list:
+    """train.py's stage 2 on the small synthetic data, from the Owl checkpoint init."""
+    return ["--stage", "2", "--init", init, "--data", synth / "stage2_owl.jsonl", "--data",
+            synth / "stage2_llava.json", "--data", f"{synth / 'stage2_alpaca.json'}:0.3"]
+
+
+@pytest.fixture(scope="session")
+def synth(tmp_path_factory):
+    """A small synthetic world (synthetic.py), written once per test session."""
+    import synthetic
+    from pathlib import Path
+
+    d = tmp_path_factory.mktemp("synth")
+    synthetic.synth(str(d), seed=3, n_train=120, n_owl=60, n_llava=30, n_alpaca=30, n_heldout=10, n_reading=60,
+                    n_drill=60)
+    return Path(d)
+
+
+@pytest.fixture(scope="session")
+def pretrained(synth, tmp_path_factory):
+    """`tiny.py pretrain` for a few steps: OUT/llm (an HF LLaMA folder) and OUT/vit (an HF CLIP vision folder)."""
+    out = tmp_path_factory.mktemp("runs")
+    run_script("tiny.py", "pretrain", "--data-dir", synth, "--out-dir", out, "--steps", "20", "--drill-steps", "5",
+               "--vision-steps", "4", "--eval-samples", "10", *SMALL)
+    return out
+
+
+@pytest.fixture(scope="session")
+def stage1(synth, pretrained):
+    """pretrained's folder with a 3-step stage 1 added (OUT/stage1), for the tests that start from stage 1."""
+    run_script("train.py", *stage1_args(synth, pretrained), "--out-dir", pretrained, "--steps", "3", *SMALL)
+    return pretrained

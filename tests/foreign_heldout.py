@@ -3,7 +3,7 @@ saturated colours, isosceles triangles, other canvas sizes and placements. It ch
 colours, shapes, counts and positions, not synthetic.py's way of drawing them.
 
     python tests/foreign_heldout.py --out data/foreign
-    python train.py --stage eval --init runs/owl-tiny/stage2 --heldout data/foreign/heldout.jsonl
+    python tiny.py score --checkpoint runs/owl-tiny/stage2 --heldout data/foreign/heldout.jsonl
 """
 import argparse
 import json

@@ -14,6 +14,7 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import synthetic  # noqa: E402
+import tiny  # noqa: E402
 from llama import Tokenizer  # noqa: E402
 
 SMALL = ["--n-train", "40", "--n-owl", "40", "--n-llava", "20", "--n-alpaca", "30", "--n-heldout", "25",
@@ -22,7 +23,7 @@ SMALL = ["--n-train", "40", "--n-owl", "40", "--n-llava", "20", "--n-alpaca", "3
 
 def _synth(root, seed):
     out = str(root / f"seed{seed}")
-    data.main(["synth", "--out", out, "--seed", str(seed), *SMALL])
+    synthetic.main(["--out", out, "--seed", str(seed), *SMALL])
     return out
 
 
@@ -62,7 +63,7 @@ def test_same_seed_same_files_other_seed_other_files(runs):
 
 def test_help_explains_every_flag(capsys):
     with pytest.raises(SystemExit) as e:
-        data.main(["synth", "--help"])
+        synthetic.main(["--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
     for flag in ("--out", "--seed", "--n-train", "--n-owl", "--n-llava", "--n-alpaca", "--n-heldout", "--n-reading", "--n-drill"):
@@ -252,12 +253,12 @@ def test_heldout_reading_asks_the_heldout_questions_about_the_scene_as_shape_mar
         assert rest == "" and sorted(marked) == sorted((s["color"], s["shape"], s["position"]) for s in shapes)
 
 
-def test_a_stage0_chat_is_learnt_on_its_answers_tokenised_as_stage2_does(runs):
+def test_a_tiny_llm_chat_is_learnt_on_its_answers_tokenised_as_stage2_does(runs):
     tok = Tokenizer(os.path.join(runs["a"], "tokenizer.model"))
     turns = [("What color is the shape?", "The shape is red."), ("What shape is it?", "It is a circle.")]
     doc = data.SYSTEM + "\nHuman: There is 1 shape: a red circle at the top." + "".join(
         data.render_turn(q) + a for q, a in turns)
-    got = data.build_sample(tok, data.document_segments(doc), [], 65, 512)
+    got = data.build_sample(tok, tiny.document_segments(doc), [], 65, 512)
     # the stage-2 sample of the same conversation with the description in a question's place
     conv = data.Conversation([], [("There is 1 shape: a red circle at the top.\nWhat color is the shape?", turns[0][1]),
                                   turns[1]])
@@ -266,7 +267,7 @@ def test_a_stage0_chat_is_learnt_on_its_answers_tokenised_as_stage2_does(runs):
     assert labelled == [t for t in want.labels if t != -100]
     assert labelled == tok.encode("The shape is red.") + [tok.eos_id] + tok.encode("It is a circle.") + [tok.eos_id]
     assert got.ids.count(tok.eos_id) == 2  # one after each answer
-    plain = data.build_sample(tok, data.document_segments("There is 1 shape."), [], 65, 512)
+    plain = data.build_sample(tok, tiny.document_segments("There is 1 shape."), [], 65, 512)
     assert plain.labels[1:] == plain.ids[1:]  # a plain document is learnt whole
 
 

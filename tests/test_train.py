@@ -22,58 +22,15 @@ sys.path.insert(0, str(ROOT))
 
 import data  # noqa: E402
 import synthetic  # noqa: E402
-import tiny  # noqa: E402
 import train  # noqa: E402
-from conftest import write_huge_png  # noqa: E402
+from conftest import (SMALL, TIMEOUT, TRAIN_ENV as ENV, run_script, stage1_args, stage2_args,  # noqa: E402
+                      subprocess_run, write_huge_png)
 from llama import LlamaConfig, Tokenizer  # noqa: E402
 from owl import IMAGE_ID, Owl, render_prompt, tokenize  # noqa: E402
 
-# GPUs hidden: these runs are compared with each other and with CPU results, bit for bit
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
-SMALL = ["--batch-size", "8", "--seq-len", "160", "--eval-samples", "10", "--drill-steps", "5"]
-TIMEOUT = 300  # seconds for any one train.py run here; the slowest takes about 30 on 2 cores
-
-
-def subprocess_run(cmd, timeout=TIMEOUT):
-    """subprocess.run with a timeout that also ends the children (torchrun's ranks): a run that hangs fails the test."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise AssertionError(f"{' '.join(map(str, cmd))} did not end within {timeout} s")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
-
 
 def run(*args, check=True):
-    p = subprocess_run([sys.executable, str(ROOT / "train.py"), *args])
-    if check and p.returncode != 0:
-        raise AssertionError(f"train.py {' '.join(args)} failed ({p.returncode}):\n{p.stderr[-3000:]}")
-    return p
-
-
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory):
-    d = tmp_path_factory.mktemp("synth")
-    synthetic.synth(str(d), seed=3, n_train=120, n_owl=60, n_llava=30, n_alpaca=30, n_heldout=10, n_reading=60,
-               n_drill=60)
-    return d
-
-
-@pytest.fixture(scope="module")
-def stage0(synth, tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs")
-    run("--stage", "0", "--data-dir", str(synth), "--out-dir", str(out), "--steps", "20", "--vision-steps", "4", *SMALL)
-    return out
-
-
-@pytest.fixture(scope="module")
-def stage1(synth, stage0):
-    """stage0's folder with a 3-step stage 1 added (stage0/stage1), for the tests that start from stage 1."""
-    run("--stage", "1", "--data-dir", str(synth), "--out-dir", str(stage0), "--steps", "3", *SMALL)
-    return stage0
+    return run_script("train.py", *args, check=check)
 
 
 @pytest.fixture(scope="module")
@@ -133,12 +90,6 @@ def test_three_stage2_formats_give_the_same_samples(tmp_path, tok):
     assert len(got[0]) == 1 and got[0] == got[1] == got[2]
 
 
-def test_a_few_steps_lower_the_loss(stage0):
-    losses = [json.loads(l)["loss"] for l in (stage0 / "stage0" / "metrics.jsonl").read_text().splitlines()
-              if '"loss"' in l]
-    assert len(losses) == 20 and sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3
-
-
 def test_the_loss_runs_the_lm_head_on_answer_positions_only_and_equals_the_full_cross_entropy(tokenizer_model,
                                                                                                monkeypatch):
     """summed_loss gives logits only to the positions that predict an answer token; loss and gradients equal the
@@ -174,63 +125,10 @@ def test_the_loss_runs_the_lm_head_on_answer_positions_only_and_equals_the_full_
         assert_close(g.double(), r, ops=64, dtype=torch.float32)
 
 
-def test_stage0_answers_the_heldout_questions_about_scenes_as_shape_vectors(synth, stage0):
-    """After stage 0 the f_L is asked the held-out questions with each scene given as shape vectors (half as many
-    as --eval-samples), and its accuracy by kind is kept beside the checkpoint."""
-    table = json.loads((stage0 / "stage0" / "accuracy_reading.json").read_text())
-    asked = [json.loads(l)["kind"] for l in (synth / "heldout_reading.jsonl").read_text().splitlines()][:5]
-    assert {k: n for k, (_, n) in table.items() if k != "all"} == {k: asked.count(k) for k in set(asked)}
-    assert table["all"][1] == 5 and all(0 <= c <= n for c, n in table.values())
-
-
-def test_a_shape_mark_becomes_one_input_vector_the_sum_of_its_word_embeddings(tok):
-    """Stage 0's chats give each shape as one vector: the mark's slot holds the sum of the embeddings of its words
-    (counted here from the embedding table itself), the rest of the chat is embedded as usual, and the gradient
-    reaches each word's embedding row. Stage 2 reads the same text as plain text."""
-    chat = "Human: <shape red circle top><shape blue square left>\nHuman: Where is the red circle?\nAI: It is at the top."
-    sample = data.build_sample(tok, data.document_segments(chat), [], 0, 256, with_shapes=True)
-    prompt = (tok.encode("Human: ") + [synthetic.SHAPE_ID, synthetic.SHAPE_ID]
-              + tok.encode("\nHuman: Where is the red circle?\nAI: "))
-    answer = tok.encode("It is at the top.") + [tok.eos_id]
-    assert sample.ids == [tok.bos_id] + prompt + answer
-    assert sample.labels == [-100] * (1 + len(prompt)) + answer
-    assert sample.shapes == [tok.encode("red circle top"), tok.encode("blue square left")]
-    plain = data.build_sample(tok, data.document_segments(chat), [], 0, 256)
-    assert synthetic.SHAPE_ID not in plain.ids and plain.shapes == []
-
-    model = train.Llama(train.OwlConfig.preset("tiny").text)
-    model.init_weights()
-    ids, labels, _, shapes = train.collate([sample, sample], None, None, "cpu")
-    x = tiny.shape_embeddings(model, ids, shapes)
-    table = model.model.embed_tokens.weight
-    slots = [i for i, t in enumerate(sample.ids) if t == synthetic.SHAPE_ID]
-    for row in range(2):
-        for slot, words in zip(slots, sample.shapes):
-            torch.testing.assert_close(x[row, slot], table[words].sum(0))
-        rest = [i for i in range(len(sample.ids)) if i not in slots]
-        torch.testing.assert_close(x[row, rest], table[torch.tensor(sample.ids)[rest]])
-    x.sum().backward()
-    grad_rows = table.grad.abs().sum(1) > 0
-    assert all(grad_rows[w] for words in sample.shapes for w in words)
-
-
-def test_stage0_drills_the_look_up_first_then_trains_on_the_whole_mix(synth, tok):
-    """--drill-steps N: the first N global batches of stage 0 are drill chats alone, the rest mix every source."""
-    cfg = train.TrainConfig(data_dir=str(synth), steps=6, batch_size=8, drill_steps=4)
-    sources = train.load_samples(cfg, 0, tok, 0)
-    drill = {id(s) for s in sources[-1][0]}
-    order = train.stage_order(cfg, 0, sources)
-    assert len(order) == 48 and all(id(s) in drill for s in order[:32])
-    assert any(id(s) not in drill for s in order[32:]) and any(id(s) in drill for s in order[32:])
-    assert all(s.shapes and s.ids.count(synthetic.SHAPE_ID) == len(s.shapes) for s in order[:32])
-    mixed = train.stage_order(train.TrainConfig(data_dir=str(synth), steps=6, batch_size=8, drill_steps=0), 0, sources)
-    assert any(id(s) not in drill for s in mixed[:32])
-
-
 def test_each_stage_changes_exactly_what_it_trains(synth, stage1):
-    stage0 = stage1  # the folder holding stage0/ and stage1/
-    run("--stage", "2", "--data-dir", str(synth), "--out-dir", str(stage0), "--steps", "3", *SMALL)
-    s0 = load_file(stage0 / "stage0" / "model.safetensors")
+    stage0 = stage1  # the folder holding llm/ (the f_L stage 1 starts from) and stage1/
+    run(*stage2_args(synth, stage0 / "stage1"), "--out-dir", stage0, "--steps", "3", *SMALL)
+    s0 = load_file(stage0 / "llm" / "model.safetensors")
     s1 = load_file(stage0 / "stage1" / "model.safetensors")
     s2 = load_file(stage0 / "stage2" / "model.safetensors")
     # stage 1: f_L frozen, f_V and f_K (queries, visual_fc, vit_eos included) trained
@@ -258,70 +156,27 @@ def test_each_stage_changes_exactly_what_it_trains(synth, stage1):
     assert (stage0 / "stage2" / "lora.safetensors").exists()
 
 
-def test_stage1_trains_vision_and_abstractor(synth, stage0, tmp_path):
-    out = tmp_path / "r"
-    (out / "stage0").mkdir(parents=True)
-    for f in (stage0 / "stage0").iterdir():
-        (out / "stage0" / f.name).write_bytes(f.read_bytes())
-    run("--stage", "1", "--data-dir", str(synth), "--out-dir", str(out), "--steps", "2", "--seed", "5", *SMALL)
-    a = load_file(out / "stage1" / "model.safetensors")
-    run("--stage", "1", "--data-dir", str(synth), "--out-dir", str(tmp_path / "r2"), "--llm-init",
-        str(stage0 / "stage0"), "--steps", "2", "--seed", "6", *SMALL)
+def test_stage1_trains_vision_and_abstractor(synth, pretrained, tmp_path):
+    run(*stage1_args(synth, pretrained), "--out-dir", tmp_path / "r", "--steps", "2", "--seed", "5", *SMALL)
+    a = load_file(tmp_path / "r" / "stage1" / "model.safetensors")
+    run(*stage1_args(synth, pretrained), "--out-dir", tmp_path / "r2", "--steps", "2", "--seed", "6", *SMALL)
     b = load_file(tmp_path / "r2" / "stage1" / "model.safetensors")
     # different seeds: different f_K starts, data orders and so f_V updates; the same frozen f_L
     assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("vision_model."))
     assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("language_model."))
 
 
-def test_vision_labels_name_the_patches_each_shape_covers():
-    # a 64 px canvas is the tiny f_V's own size, so no resize: a square spanning pixels 8..32 fills the 8 px patches
-    # of rows and columns 1-3 and touches column 4 with one pixel column (8 px, under 15% of 64); a circle elsewhere
-    scene = {"width": 64, "height": 64, "background": [255, 255, 255], "shapes": [
-        {"color": "red", "shape": "square", "position": "left", "center": [20, 20], "size": 24, "fill": [200, 40, 40],
-         "angle": 0.0},
-        {"color": "blue", "shape": "circle", "position": "right", "center": [52, 52], "size": 16, "fill": [40, 40, 200],
-         "angle": 0.0}]}
-    transform = tiny.ImageTransform(64)
-    pixels, objects, in_view = tiny.labelled_image(scene, transform, 8, None)
-    assert pixels.shape == (3, 64, 64) and in_view == 2
-    assert [f for _, f in objects] == [(synthetic.SHAPES.index("square"), list(synthetic.COLORS).index("red"),
-                                        list(synthetic.POSITIONS).index("left")),
-                                       (synthetic.SHAPES.index("circle"), list(synthetic.COLORS).index("blue"),
-                                        list(synthetic.POSITIONS).index("right"))]
-    square = {(int(i) // 8, int(i) % 8) for i in objects[0][0].nonzero()}
-    assert square == {(r, c) for r in (1, 2, 3) for c in (1, 2, 3)}
-    circle = {(int(i) // 8, int(i) % 8) for i in objects[1][0].nonzero()}
-    assert circle and all(r >= 5 and c >= 5 for r, c in circle)
-
-
-def test_vision_pretraining_loss_falls_on_a_fixed_batch():
-    torch.manual_seed(0)
-    vit = train.VisionTransformer(train.OwlConfig.preset("tiny").vision)
-    vit.init_weights()
-    heads = torch.nn.ModuleList([torch.nn.Linear(128, 11), torch.nn.Linear(128, 5)])
-    rng = random.Random(0)
-    batch = [tiny.labelled_image(synthetic.random_scene(rng), tiny.ImageTransform(64), 8, None) for _ in range(8)]
-    opt = torch.optim.AdamW([*vit.parameters(), *heads.parameters()], lr=1e-3)
-    first = None
-    for _ in range(25):
-        loss, _, n = tiny.vision_loss(vit, heads, batch, "cpu")
-        first = first if first is not None else loss.item()
-        opt.zero_grad()
-        (loss / (n + len(batch))).backward()
-        opt.step()
-    assert loss.item() < 0.5 * first
-
-
-def test_stage1_starts_from_the_stage0_vision_encoder(synth, stage0, tmp_path):
-    out = tmp_path / "r"
-    (out / "stage0").mkdir(parents=True)
-    for f in (stage0 / "stage0").iterdir():
-        (out / "stage0" / f.name).write_bytes(f.read_bytes())
-    p = run("--stage", "1", "--data-dir", str(synth), "--out-dir", str(out), "--steps", "1", "--lr", "1e-30", *SMALL)
-    assert f"f_V from {out / 'stage0' / 'vision.safetensors'}" in p.stderr
-    pre = load_file(out / "stage0" / "vision.safetensors")
-    owl = load_file(out / "stage1" / "model.safetensors")
-    assert pre and all(torch.allclose(owl["vision_model." + k], v) for k, v in pre.items())
+def test_stage1_starts_from_the_clip_folder_and_the_llama_folder(synth, pretrained, tmp_path):
+    """--vit-init and --llm-init: stage 1's f_V is the CLIP folder's (here the tiny stand-in) and its f_L the LLaMA
+    folder's, tensor for tensor (a learning rate of 1e-30 leaves them as loaded)."""
+    from vit import VisionTransformer
+    p = run(*stage1_args(synth, pretrained), "--out-dir", tmp_path, "--steps", "1", "--lr", "1e-30", *SMALL)
+    assert f"f_V from {pretrained / 'vit'}" in p.stderr
+    owl = load_file(tmp_path / "stage1" / "model.safetensors")
+    vit = VisionTransformer.from_clip(pretrained / "vit").state_dict()
+    assert vit and all(torch.allclose(owl["vision_model." + k], v) for k, v in vit.items())
+    llm = load_file(pretrained / "llm" / "model.safetensors")
+    assert all(torch.equal(owl["language_model." + k], v) for k, v in llm.items())
 
 
 # train.py on one rank or under torchrun, in a wrapper that records on each rank every training forward pass (with
@@ -333,22 +188,22 @@ import lora
 import train
 
 calls, models = [], []
-real_loss, real_build = train.summed_loss, train.build_model
+real_loss, real_fit = train.summed_loss, train.fit
 
 
-def summed_loss(model, ids, labels, pixels, shapes=None):
+def summed_loss(model, ids, labels, pixels):
     if model.training:
         calls.append((pixels is not None, getattr(model, "require_backward_grad_sync", True)))
-    return real_loss(model, ids, labels, pixels, shapes)
+    return real_loss(model, ids, labels, pixels)
 
 
-def build_model(*args, **kwargs):
-    models.append(real_build(*args, **kwargs))
-    return models[-1]
+def fit(model, *args, **kwargs):
+    models.append(model)
+    return real_fit(model, *args, **kwargs)
 
 
-train.summed_loss, train.build_model = summed_loss, build_model
-train.main(sys.argv[2:])
+train.summed_loss, train.fit = summed_loss, fit
+__import__(sys.argv[2]).main(sys.argv[3:])  # train or tiny
 model = models[-1].float()
 if any(isinstance(m, lora.LoRALinear) for m in model.modules()):  # ranks other than 0 export nothing
     lora.remove_lora(model)
@@ -356,30 +211,32 @@ torch.save({"calls": calls, "weights": model.state_dict()}, os.path.join(sys.arg
 """
 
 
-def recorded(ranks: int, args: list, out: Path) -> tuple:
-    """train.py ARGS --out-dir OUT on `ranks` Gloo ranks (torchrun --standalone: a free port), or alone: its stderr and
+def recorded(ranks: int, args: list, out: Path, script: str = "train") -> tuple:
+    """SCRIPT.py ARGS --out-dir OUT on `ranks` Gloo ranks (torchrun --standalone: a free port), or alone: its stderr and
     each rank's record ({"calls": [(with images, synchronised)] per training forward pass, "weights": ...})."""
     out.mkdir(parents=True)
     (out / "recorder.py").write_text(RECORDER)
     launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"] if ranks > 1 else []
-    p = subprocess_run([sys.executable, *launch, str(out / "recorder.py"), str(out), *map(str, args), "--out-dir",
+    p = subprocess_run([sys.executable, *launch, str(out / "recorder.py"), str(out), script, *map(str, args), "--out-dir",
                         str(out)])
     assert p.returncode == 0, p.stderr[-3000:]
     return p.stderr, [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(ranks)]
 
 
-def logged(out: Path, stage: int) -> list:
-    return [json.loads(l) for l in (out / f"stage{stage}" / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+def logged(out: Path, stage) -> list:
+    """The training steps of metrics.jsonl in OUT/stageN (stage N) or OUT/NAME (stage "llm", tiny.py's f_L)."""
+    folder = out / (f"stage{stage}" if isinstance(stage, int) else stage)
+    return [json.loads(l) for l in (folder / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
 
 
-def assert_two_ranks_match_one(stage: int, args: list, tmp_path) -> list:
+def assert_two_ranks_match_one(stage, args: list, tmp_path, script: str = "train") -> list:
     """The same run alone and on two DDP ranks, gradient clipping off (so a gradient off by a factor is not clipped
     back): the same loss and gradient norm at every step, the same weights on both ranks, and the same weights as
     the run alone. Returns each rank's forward passes. Both runs sum the same samples' gradients in another order,
     which moves a float32 sum by a few roundings: far below the 4 decimals the log keeps."""
-    args = [*args, "--grad-clip", "0", "--heldout", tmp_path / "none.jsonl"]
-    _, [one] = recorded(1, args, tmp_path / "one")
-    err, two = recorded(2, args, tmp_path / "two")
+    args = [*args, "--grad-clip", "0"] if script == "train" else args
+    _, [one] = recorded(1, args, tmp_path / "one", script)
+    err, two = recorded(2, args, tmp_path / "two", script)
     # PyTorch's notes on DDP misuse: a gradient laid out unlike its parameter, a needless search for unused ones
     assert "Grad strides do not match" not in err and "find_unused_parameters" not in err, err[-3000:]
     a, b = logged(tmp_path / "one", stage), logged(tmp_path / "two", stage)
@@ -414,7 +271,7 @@ def test_two_ddp_ranks_match_one_rank_in_stage2_with_fk_trained_and_text_only_mi
     """Stage 2 as the paper trains it (f_K too) on a mix with text-only samples, 4 micro-batches a rank a step
     (accumulated under no_sync): micro-batches without images, where f_K sits out, come both synchronised and not."""
     calls = assert_two_ranks_match_one(2, [
-        "--stage", "2", "--data-dir", synth, "--init", no_dropout, "--steps", "3", "--batch-size", "8",
+        "--stage", "2", "--init", no_dropout, "--steps", "3", "--batch-size", "8",
         "--micro-batch", "1", "--seq-len", "160", "--lora-dropout", "0", "--data", synth / "stage2_owl.jsonl",
         "--data", f"{synth / 'stage2_alpaca.json'}:2"], tmp_path)
     seen = {c for rank in calls for c in rank}
@@ -424,17 +281,18 @@ def test_two_ddp_ranks_match_one_rank_in_stage2_with_fk_trained_and_text_only_mi
 def test_two_ddp_ranks_match_one_rank_in_stage1(synth, no_dropout, tmp_path):
     """Stage 1 trains f_V and f_K: with one image a micro-batch, the gradients of their (1, 1, D) class token and
     vit_eos come as slices of larger ones, laid out unlike the parameters."""
-    calls = assert_two_ranks_match_one(1, ["--stage", "1", "--data-dir", synth, "--init", no_dropout, "--steps", "3",
-                                           "--batch-size", "4", "--micro-batch", "1", "--seq-len", "160"], tmp_path)
+    calls = assert_two_ranks_match_one(1, ["--stage", "1", "--init", no_dropout, "--steps", "3", "--batch-size", "4",
+                                           "--micro-batch", "1", "--seq-len", "160", "--data", synth / "stage1.jsonl"],
+                                       tmp_path)
     assert calls[0] == calls[1] == [(True, False), (True, True)] * 3  # 2 micro-batches a step, the second synchronised
 
 
-def test_two_ddp_ranks_match_one_rank_in_stage0(synth, tmp_path):
-    """Stage 0 embeds its shape vectors outside DDP's forward (tiny.shape_embeddings): the embedding's gradient must
-    still be all-reduced, drill and mix steps alike."""
-    assert_two_ranks_match_one(0, ["--stage", "0", "--data-dir", synth, "--steps", "2", "--drill-steps", "1",
-                                   "--vision-steps", "0", "--batch-size", "8", "--micro-batch", "2", "--seq-len", "160",
-                                   "--eval-samples", "2"], tmp_path)
+def test_two_ddp_ranks_match_one_rank_in_the_tiny_llm_pretraining(synth, tmp_path):
+    """tiny.py's f_L through train.fit embeds its shape vectors outside DDP's forward (tiny.shape_embeddings): the
+    embedding's gradient must still be all-reduced, drill and mix steps alike."""
+    assert_two_ranks_match_one("llm", ["pretrain", "--data-dir", synth, "--steps", "2", "--drill-steps", "1",
+                                       "--vision-steps", "0", "--batch-size", "8", "--micro-batch", "2", "--seq-len",
+                                       "160", "--eval-samples", "2"], tmp_path, script="tiny")
 
 
 def test_a_rank_whose_micro_batches_hold_only_unreadable_images_still_trains_in_step(synth, no_dropout, tmp_path):
@@ -446,13 +304,14 @@ def test_a_rank_whose_micro_batches_hold_only_unreadable_images_still_trains_in_
         (tmp_path / f"{i}.png").write_bytes((synth / line["image"]).read_bytes())
         line["image"] = str(tmp_path / f"{i}.png")
     (tmp_path / "c.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
-    cfg = train.TrainConfig(data=(str(tmp_path / "c.jsonl"),), steps=2, batch_size=4)
-    order = train.stage_order(cfg, 1, [(list(range(len(lines))), 1.0)])  # the line behind each sample, step by step
+    cfg = train.TrainConfig(steps=2, batch_size=4)
+    # the line behind each sample, step by step, as train_stage orders stage 1's samples
+    order = train.sample_order([(list(range(len(lines))), 1.0)], cfg.steps * cfg.batch_size, cfg.seed + 1)
     rank1_step1 = set(order[2:4])
     assert not rank1_step1 & set(order[:2] + order[4:])  # so only rank 1's micro-batches of step 1 lose their images
     for i in rank1_step1:
         (tmp_path / f"{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
-    err, ranks = recorded(2, ["--stage", "1", "--data-dir", synth, "--init", no_dropout, "--data", tmp_path / "c.jsonl",
+    err, ranks = recorded(2, ["--stage", "1", "--init", no_dropout, "--data", tmp_path / "c.jsonl",
                               "--steps", "2", "--batch-size", "4", "--micro-batch", "1", "--seq-len", "160"],
                           tmp_path / "out")
     assert [r["bad_images"] for r in logged(tmp_path / "out", 1)] == [2, 2]
@@ -463,8 +322,8 @@ def test_a_rank_whose_micro_batches_hold_only_unreadable_images_still_trains_in_
 def resumable(synth, stage1, out: Path) -> list:
     """12 steps of stage 2 with LoRA's dropout and f_K's attention dropout on, so every step draws random numbers:
     a resumed run ends as the run never stopped only if the random state is saved and put back."""
-    return [sys.executable, str(ROOT / "train.py"), "--stage", "2", "--data-dir", str(synth), "--init",
-            str(stage1 / "stage1"), "--steps", "12", *SMALL, "--heldout", str(out / "none.jsonl"), "--out-dir", str(out)]
+    return [sys.executable, str(ROOT / "train.py"), *map(str, stage2_args(synth, stage1 / "stage1")), "--steps", "12",
+            *SMALL, "--out-dir", str(out)]
 
 
 @pytest.fixture(scope="module")
@@ -514,26 +373,25 @@ def train_main(capsys, *argv) -> tuple:
     return code, "\n".join(line for line in err.splitlines() if line.strip() and "|" not in line)
 
 
-def test_mismatched_resume_is_refused_naming_each_difference(synth, tmp_path, capsys):
-    common = ["--data-dir", synth, "--out-dir", tmp_path, "--batch-size", "4", "--seq-len", "64"]
-    text = ["--data", synth / "corpus.txt"]  # stage 0 on its smallest file
-    assert train_main(capsys, "--stage", "0", *common, *text, "--steps", "2", "--lr", "0.001")[0] == 0
-    state = tmp_path / "stage0" / "train_state.pt"
-    code, err = train_main(capsys, "--stage", "0", *common, *text, "--steps", "2", "--lr", "0.002", "--resume")
+def test_mismatched_resume_is_refused_naming_each_difference(synth, no_dropout, tmp_path, capsys):
+    common = ["--init", no_dropout, "--out-dir", tmp_path, "--batch-size", "4", "--seq-len", "64"]
+    captions = ["--stage", "1", "--data", synth / "stage1_single.jsonl"]
+    assert train_main(capsys, *captions, *common, "--steps", "2", "--lr", "0.001")[0] == 0
+    state = tmp_path / "stage1" / "train_state.pt"
+    code, err = train_main(capsys, *captions, *common, "--steps", "2", "--lr", "0.002", "--resume")
     assert code == 2 and len(err.splitlines()) == 1, err
     assert f"{state} was made with other settings (lr 0.001 in the checkpoint vs 0.002 now)" in err
-    code, err = train_main(capsys, "--stage", "0", *common, *text, "--steps", "3", "--lr", "0.001", "--grad-clip",
-                           "2", "--resume")
+    code, err = train_main(capsys, *captions, *common, "--steps", "3", "--lr", "0.001", "--grad-clip", "2", "--resume")
     assert code == 2 and "steps 2 in the checkpoint vs 3 now; grad_clip 1.0 in the checkpoint vs 2.0 now" in err
-    # another stage's state under this stage's name: the stage and the model differ
-    (tmp_path / "stage1").mkdir()
-    (tmp_path / "stage1" / "train_state.pt").write_bytes(state.read_bytes())
-    code, err = train_main(capsys, "--stage", "1", *common, "--steps", "2", "--llm-init", tmp_path / "stage0",
-                           "--resume")
-    assert code == 2 and len(err.splitlines()) == 1 and "(stage 0 in the checkpoint vs 1 now; model." in err, err
+    # another stage's state under this stage's name
+    (tmp_path / "stage2").mkdir()
+    (tmp_path / "stage2" / "train_state.pt").write_bytes(state.read_bytes())
+    code, err = train_main(capsys, *stage2_args(synth, no_dropout)[:4], "--data", synth / "stage2_alpaca.json",
+                           *common[2:], "--steps", "2", "--lr", "0.001", "--resume")
+    assert code == 2 and len(err.splitlines()) == 1 and "(stage 1 in the checkpoint vs 2 now" in err, err
     # and a file that is no train_state.pt at all
     state.write_bytes(b"not a checkpoint")
-    code, err = train_main(capsys, "--stage", "0", *common, *text, "--steps", "2", "--lr", "0.001", "--resume")
+    code, err = train_main(capsys, *captions, *common, "--steps", "2", "--lr", "0.001", "--resume")
     assert code == 2 and f"{state} is not a train_state.pt Owl can read" in err and "Traceback" not in err, err
 
 
@@ -570,10 +428,10 @@ def patch_loss(monkeypatch, bad: dict) -> list:
     "nan grad"}); returns the list that receives, at each training forward pass, a copy of the parameters it saw."""
     real, seen = train.summed_loss, []
 
-    def summed_loss(model, ids, labels, pixels, shapes=None):
+    def summed_loss(model, ids, labels, pixels):
         if model.training:  # the validation loss runs in eval mode
             seen.append({n: p.detach().clone() for n, p in model.named_parameters()})
-        loss = real(model, ids, labels, pixels, shapes)
+        loss = real(model, ids, labels, pixels)
         kind = bad.get(len(seen)) if model.training else None
         if kind == "nan loss":
             return loss * float("nan")
@@ -586,13 +444,19 @@ def patch_loss(monkeypatch, bad: dict) -> list:
 
 
 def metric_rows(out: Path) -> list:
-    return [json.loads(l) for l in (out / "stage0" / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+    return [json.loads(l) for l in (out / "stage1" / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
 
 
-def test_a_step_with_a_nan_loss_or_gradient_is_skipped_and_changes_nothing(synth, tmp_path, monkeypatch, capsys):
+def small_stage1(no_dropout, synth, tmp_path) -> list:
+    """A quick stage 1 in this process: one micro-batch of 4 short captions a step."""
+    return ["--stage", "1", "--init", no_dropout, "--out-dir", tmp_path, "--data", synth / "stage1_single.jsonl",
+            "--batch-size", "4", "--seq-len", "64"]
+
+
+def test_a_step_with_a_nan_loss_or_gradient_is_skipped_and_changes_nothing(synth, no_dropout, tmp_path, monkeypatch,
+                                                                           capsys):
     seen = patch_loss(monkeypatch, {3: "nan loss", 5: "nan grad"})
-    code, err = train_main(capsys, "--stage", "0", "--data-dir", synth, "--out-dir", tmp_path, "--steps", "6",
-                           "--data", synth / "corpus.txt", "--batch-size", "4", "--seq-len", "64")
+    code, err = train_main(capsys, *small_stage1(no_dropout, synth, tmp_path), "--steps", "6")
     assert code == 0, err
     same = [all(torch.equal(seen[i][n], seen[i + 1][n]) for n in seen[i]) for i in range(5)]
     assert same == [False, False, True, False, True]  # steps 3 and 5 left every parameter as it was
@@ -600,21 +464,20 @@ def test_a_step_with_a_nan_loss_or_gradient_is_skipped_and_changes_nothing(synth
     assert [r["loss"] is None for r in rows] == [False, False, True, False, False, False]
     assert [r["grad_norm"] is None for r in rows] == [False, False, True, False, True, False]
     assert [r["skipped_steps"] for r in rows] == [0, 0, 1, 1, 2, 2]
-    state = torch.load(tmp_path / "stage0" / "train_state.pt", weights_only=True)
+    state = torch.load(tmp_path / "stage1" / "train_state.pt", weights_only=True)
     assert state["step"] == 6 and state["skipped"] == 2
     # AdamW stepped 4 times, not 6: its moments and bias correction never saw a bad step
     assert {float(s["step"]) for s in state["optimizer"]["state"].values()} == {4.0}
     assert all(torch.isfinite(t).all() for t in state["trainable"].values())
-    assert (tmp_path / "stage0" / "model.safetensors").exists()
+    assert (tmp_path / "stage1" / "model.safetensors").exists()
 
 
-def test_too_many_bad_steps_in_a_row_stop_the_run_and_keep_the_last_good_state(synth, tmp_path, monkeypatch,
-                                                                              capsys):
+def test_too_many_bad_steps_in_a_row_stop_the_run_and_keep_the_last_good_state(synth, no_dropout, tmp_path,
+                                                                              monkeypatch, capsys):
     seen = patch_loss(monkeypatch, {k: "nan loss" for k in range(4, 20)})
-    code, err = train_main(capsys, "--stage", "0", "--data-dir", synth, "--out-dir", tmp_path, "--steps", "12",
-                           "--data", synth / "corpus.txt", "--batch-size", "4", "--seq-len", "64", "--save-every", "1",
+    code, err = train_main(capsys, *small_stage1(no_dropout, synth, tmp_path), "--steps", "12", "--save-every", "1",
                            "--max-bad-steps", "3")
-    state_path = tmp_path / "stage0" / "train_state.pt"
+    state_path = tmp_path / "stage1" / "train_state.pt"
     assert code == 1 and "Traceback" not in err, err
     assert (f"train: stopped at step 6 after 3 steps in a row with a NaN or infinite loss or gradient norm; {state_path} "
             "still holds step 3") in err.splitlines()[-1]
@@ -622,25 +485,26 @@ def test_too_many_bad_steps_in_a_row_stop_the_run_and_keep_the_last_good_state(s
     state = torch.load(state_path, weights_only=True)
     assert state["step"] == 3 and state["skipped"] == 0
     assert all(torch.equal(t, seen[3][n]) for n, t in state["trainable"].items())  # as step 3 left them
-    assert not (tmp_path / "stage0" / "model.safetensors").exists()
+    assert not (tmp_path / "stage1" / "model.safetensors").exists()
 
 
-def test_mfu_is_logged_where_the_peak_is_known_with_palms_model_flops(synth, tmp_path, monkeypatch, capsys):
+def test_mfu_is_logged_where_the_peak_is_known_with_palms_model_flops(synth, no_dropout, tmp_path, monkeypatch,
+                                                                     capsys):
     """MFU only shows on CUDA (the peak is known for named GPUs); here the peak is set, so the CPU run logs it.
     PaLM's FLOPs per token of a sequence of T: 6 N + 12 L D T."""
     monkeypatch.setattr(train, "peak_flops", lambda device: 1e6)
     real, lengths = train.summed_loss, []
 
-    def summed_loss(model, ids, labels, pixels, shapes=None):
+    def summed_loss(model, ids, labels, pixels):
         if model.training:
             lengths.append(ids.shape[1])
-        return real(model, ids, labels, pixels, shapes)
+        return real(model, ids, labels, pixels)
 
     monkeypatch.setattr(train, "summed_loss", summed_loss)
-    code, err = train_main(capsys, "--stage", "0", "--data-dir", synth, "--out-dir", tmp_path, "--steps", "3",
-                           "--data", synth / "corpus.txt", "--batch-size", "4", "--seq-len", "64", "--vision-steps", "0")
+    code, err = train_main(capsys, *small_stage1(no_dropout, synth, tmp_path), "--steps", "3", "--data",
+                           synth / "stage1.jsonl")
     assert code == 0, err
-    n_params = sum(t.numel() for t in load_file(tmp_path / "stage0" / "model.safetensors").values())
+    n_params = sum(t.numel() for t in load_file(tmp_path / "stage1" / "model.safetensors").values())
     text = LlamaConfig.preset("tiny")
     L, D = text.num_layers, text.hidden_size
     rows = metric_rows(tmp_path)
@@ -718,27 +582,25 @@ def test_killed_and_interrupted_runs_resume_to_the_uninterrupted_result(synth, s
     assert [json.loads(l)["step"] for l in metrics.read_text().splitlines() if '"loss"' in l] == list(range(1, 13))
 
 
-@pytest.mark.parametrize("case", ["missing data file", "data file that is not JSON", "only malformed lines"])
-def test_bad_training_data_exits_2_with_one_sentence(synth, stage0, tmp_path, capsys, case):
+@pytest.mark.parametrize("case", ["missing data file", "data file that is not JSON", "only malformed lines",
+                                  "no data", "nothing to start from"])
+def test_bad_training_data_exits_2_with_one_sentence(synth, pretrained, tmp_path, capsys, case):
     (tmp_path / "bad.json").write_text("[{not json\n")
     (tmp_path / "bad.jsonl").write_text("{not json\n" + json.dumps({"image": "a.png"}) + "\n")
-    stage, data_file, said = {"missing data file": ("0", "nope.txt", "does not exist"),
+    stage, data_file, said = {"missing data file": ("1", "nope.txt", "does not exist"),
                               "data file that is not JSON": ("2", "bad.json", "is not stage-2 training data"),
-                              "only malformed lines": ("1", "bad.jsonl", "holds no usable sample")}[case]
+                              "only malformed lines": ("1", "bad.jsonl", "holds no usable sample"),
+                              "no data": ("1", None, "--data is required"),
+                              "nothing to start from": ("1", "bad.jsonl", "needs --init")}[case]
+    start = [] if case == "nothing to start from" else ["--llm-init", pretrained / "llm"]
+    data_args = ["--data", tmp_path / data_file] if data_file else []
     with pytest.warns(UserWarning) if case == "only malformed lines" else nullcontext():
-        code, err = train_main(capsys, "--stage", stage, "--data-dir", synth, "--out-dir", tmp_path / "out",
-                               "--llm-init", stage0 / "stage0", "--data", tmp_path / data_file, "--steps", "1")
-    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
-    assert err.startswith("train: ") and str(tmp_path / data_file) in err and said in err
-
-
-@pytest.mark.parametrize("case", ["no held-out file", "no checkpoint"])
-def test_eval_with_a_missing_file_exits_2_with_one_sentence(synth, tmp_path, capsys, case):
-    heldout, init, said = {"no held-out file": (tmp_path / "nope.jsonl", synth, "does not exist"),
-                           "no checkpoint": (synth / "heldout.jsonl", tmp_path, "is not a checkpoint folder")}[case]
-    code, err = train_main(capsys, "--stage", "eval", "--init", init, "--heldout", heldout)
-    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
-    assert said in err
+        code, err = train_main(capsys, "--stage", stage, "--out-dir", tmp_path / "out", *start, *data_args,
+                               "--steps", "1")
+    # one sentence; argparse's own errors (no --data) come after its usage lines, as for an unknown flag
+    assert code == 2 and (len(err.splitlines()) == 1 or case == "no data") and "Traceback" not in err, err
+    assert said in err.splitlines()[-1] and (data_file is None or case == "nothing to start from"
+                                             or str(tmp_path / data_file) in err)
 
 
 def test_an_unknown_flag_exits_2_with_the_usage(capsys):
@@ -780,7 +642,7 @@ def test_max_pixels_skips_and_counts_training_images_over_the_limit(no_dropout, 
     Image.new("RGB", (64, 64), (30, 30, 200)).save(tmp_path / "small.png")
     (tmp_path / "c.jsonl").write_text("".join(json.dumps({"image": str(tmp_path / f"{name}.png"), "caption": text}) + "\n"
                                               for name, text in (("big", "a red square."), ("small", "a blue one."))))
-    common = ["--stage", "1", "--data-dir", tmp_path, "--init", no_dropout, "--data", tmp_path / "c.jsonl", "--steps",
+    common = ["--stage", "1", "--init", no_dropout, "--data", tmp_path / "c.jsonl", "--steps",
               "1", "--batch-size", "2", "--seq-len", "64"]
     code, err = train_main(capsys, *common, "--out-dir", tmp_path / "limited", "--max-pixels", "5000")
     assert code == 0 and "80x80 pixels, more than the limit of 5000 (--max-pixels)" in err, err

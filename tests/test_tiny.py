@@ -1,0 +1,171 @@
+"""The tiny run's wing (tiny.py): the stand-ins for LLaMA-7B and CLIP written in the formats train.py's --llm-init
+and --vit-init read, the shape vectors of the f_L's chats, the look-up drill, the f_V's labelled scenes, scoring."""
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import data  # noqa: E402
+import synthetic  # noqa: E402
+import tiny  # noqa: E402
+import train  # noqa: E402
+from llama import Llama, Tokenizer  # noqa: E402
+from owl import OwlConfig  # noqa: E402
+from vit import ImageTransform, VisionTransformer  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tok(synth):
+    return Tokenizer(synth / "tokenizer.model")
+
+
+def test_a_few_steps_lower_the_loss(pretrained):
+    losses = [json.loads(l)["loss"] for l in (pretrained / "llm" / "metrics.jsonl").read_text().splitlines()
+              if '"loss"' in l]
+    assert len(losses) == 20 and sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3
+
+
+def test_the_stand_ins_load_as_a_llama_folder_and_a_clip_folder(pretrained):
+    """OUT/llm is what Llama.from_hf reads (and train.py --llm-init), OUT/vit what VisionTransformer.from_clip reads
+    (and --vit-init), with the tiny preset's shapes."""
+    llm = Llama.from_hf(pretrained / "llm")
+    assert llm.cfg.hidden_size == OwlConfig.preset("tiny").text.hidden_size
+    assert (pretrained / "llm" / "tokenizer.model").is_file()
+    vit = VisionTransformer.from_clip(pretrained / "vit")
+    assert vit.cfg == OwlConfig.preset("tiny").vision
+
+
+def test_save_clip_writes_what_from_clip_reads_back_exactly(tmp_path):
+    """The CLIP writer is the inverse of the CLIP reader (separate q, k, v from the head-interleaved fused weight),
+    checked on random weights; a writer that kept the fused order would give another model."""
+    torch.manual_seed(0)
+    vit = VisionTransformer(OwlConfig.preset("tiny").vision)
+    for p in vit.parameters():
+        torch.nn.init.normal_(p)
+    tiny.save_clip(vit, tmp_path)
+    back = VisionTransformer.from_clip(tmp_path)
+    assert all(torch.equal(t, back.state_dict()[n]) for n, t in vit.state_dict().items())
+    sd = load_file(tmp_path / "model.safetensors")
+    D = vit.cfg.hidden_size
+    q = vit.state_dict()["encoder.layers.0.self_attn.query_key_value.weight"].reshape(vit.cfg.num_heads, 3, -1, D)
+    assert torch.equal(sd["vision_model.encoder.layers.0.self_attn.q_proj.weight"], q[:, 0].reshape(D, D))
+
+
+def test_the_llm_answers_the_heldout_questions_about_scenes_as_shape_vectors(synth, pretrained):
+    """After pre-training the f_L is asked the held-out questions with each scene given as shape vectors (half as
+    many as --eval-samples), and its accuracy by kind is kept beside the checkpoint."""
+    table = json.loads((pretrained / "llm" / "accuracy_reading.json").read_text())
+    asked = [json.loads(l)["kind"] for l in (synth / "heldout_reading.jsonl").read_text().splitlines()][:5]
+    assert {k: n for k, (_, n) in table.items() if k != "all"} == {k: asked.count(k) for k in set(asked)}
+    assert table["all"][1] == 5 and all(0 <= c <= n for c, n in table.values())
+
+
+def test_a_shape_mark_becomes_one_input_vector_the_sum_of_its_word_embeddings(tok):
+    """The f_L's chats give each shape as one vector: the mark's slot holds the sum of the embeddings of its words
+    (counted here from the embedding table itself), the rest of the chat is embedded as usual, and the gradient
+    reaches each word's embedding row. Stage 2's reader reads the same text as plain text."""
+    chat = "Human: <shape red circle top><shape blue square left>\nHuman: Where is the red circle?\nAI: It is at the top."
+    sample = tiny.shape_sample(tok, tiny.document_segments(chat), 256)
+    prompt = (tok.encode("Human: ") + [synthetic.SHAPE_ID, synthetic.SHAPE_ID]
+              + tok.encode("\nHuman: Where is the red circle?\nAI: "))
+    answer = tok.encode("It is at the top.") + [tok.eos_id]
+    assert sample.ids == [tok.bos_id] + prompt + answer
+    assert sample.labels == [-100] * (1 + len(prompt)) + answer
+    assert sample.shapes == [tok.encode("red circle top"), tok.encode("blue square left")]
+    plain = data.build_sample(tok, tiny.document_segments(chat), [], 0, 256)
+    assert synthetic.SHAPE_ID not in plain.ids
+
+    model = Llama(OwlConfig.preset("tiny").text)
+    model.init_weights()
+    ids, labels, _, kept = train.collate([sample, sample], None, None, "cpu")
+    x = tiny.shape_embeddings(model, ids, tiny.shape_tensor([w for s in kept for w in s.shapes], "cpu"))
+    table = model.model.embed_tokens.weight
+    slots = [i for i, t in enumerate(sample.ids) if t == synthetic.SHAPE_ID]
+    for row in range(2):
+        for slot, words in zip(slots, sample.shapes):
+            torch.testing.assert_close(x[row, slot], table[words].sum(0))
+        rest = [i for i in range(len(sample.ids)) if i not in slots]
+        torch.testing.assert_close(x[row, rest], table[torch.tensor(sample.ids)[rest]])
+    x.sum().backward()
+    grad_rows = table.grad.abs().sum(1) > 0
+    assert all(grad_rows[w] for words in sample.shapes for w in words)
+
+
+def test_the_llm_drills_the_look_up_first_then_trains_on_the_whole_mix(synth, tok):
+    """--drill-steps N: the first N global batches are drill chats alone, the rest mix every source."""
+    sources = train.load_samples([synth / "corpus.txt", f"{synth / 'reading.jsonl'}:3", f"{synth / 'drill.jsonl'}:2"],
+                                 0, tok, 0, 256, load=tiny.load_text)
+    drill = {id(s) for s in sources[-1][0]}
+    order = tiny.llm_order(sources, 6, 8, 4, 1337)
+    assert len(order) == 48 and all(id(s) in drill for s in order[:32])
+    assert any(id(s) not in drill for s in order[32:]) and any(id(s) in drill for s in order[32:])
+    assert all(s.shapes and s.ids.count(synthetic.SHAPE_ID) == len(s.shapes) for s in order[:32])
+    mixed = tiny.llm_order(sources, 6, 8, 0, 1337)
+    assert any(id(s) not in drill for s in mixed[:32])
+
+
+def test_vision_labels_name_the_patches_each_shape_covers():
+    # a 64 px canvas is the tiny f_V's own size, so no resize: a square spanning pixels 8..32 fills the 8 px patches
+    # of rows and columns 1-3 and touches column 4 with one pixel column (8 px, under 15% of 64); a circle elsewhere
+    scene = {"width": 64, "height": 64, "background": [255, 255, 255], "shapes": [
+        {"color": "red", "shape": "square", "position": "left", "center": [20, 20], "size": 24, "fill": [200, 40, 40],
+         "angle": 0.0},
+        {"color": "blue", "shape": "circle", "position": "right", "center": [52, 52], "size": 16, "fill": [40, 40, 200],
+         "angle": 0.0}]}
+    pixels, objects, in_view = tiny.labelled_image(scene, ImageTransform(64), 8, None)
+    assert pixels.shape == (3, 64, 64) and in_view == 2
+    assert [f for _, f in objects] == [(synthetic.SHAPES.index("square"), list(synthetic.COLORS).index("red"),
+                                        list(synthetic.POSITIONS).index("left")),
+                                       (synthetic.SHAPES.index("circle"), list(synthetic.COLORS).index("blue"),
+                                        list(synthetic.POSITIONS).index("right"))]
+    square = {(int(i) // 8, int(i) % 8) for i in objects[0][0].nonzero()}
+    assert square == {(r, c) for r in (1, 2, 3) for c in (1, 2, 3)}
+    circle = {(int(i) // 8, int(i) % 8) for i in objects[1][0].nonzero()}
+    assert circle and all(r >= 5 and c >= 5 for r, c in circle)
+
+
+def test_vision_pretraining_loss_falls_on_a_fixed_batch():
+    torch.manual_seed(0)
+    vit = VisionTransformer(OwlConfig.preset("tiny").vision)
+    vit.init_weights()
+    heads = torch.nn.ModuleList([torch.nn.Linear(128, 11), torch.nn.Linear(128, 5)])
+    rng = random.Random(0)
+    batch = [tiny.labelled_image(synthetic.random_scene(rng), ImageTransform(64), 8, None) for _ in range(8)]
+    opt = torch.optim.AdamW([*vit.parameters(), *heads.parameters()], lr=1e-3)
+    first = None
+    for _ in range(25):
+        loss, _, n = tiny.vision_loss(vit, heads, batch, "cpu")
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        (loss / (n + len(batch))).backward()
+        opt.step()
+    assert loss.item() < 0.5 * first
+
+
+@pytest.mark.parametrize("case", ["no held-out file", "no checkpoint", "no data"])
+def test_score_and_pretrain_with_a_missing_file_exit_2_with_one_sentence(synth, tmp_path, capsys, case):
+    argv = {"no held-out file": ["score", "--checkpoint", synth, "--heldout", tmp_path / "nope.jsonl"],
+            "no checkpoint": ["score", "--checkpoint", tmp_path, "--heldout", synth / "heldout.jsonl"],
+            "no data": ["pretrain", "--data-dir", tmp_path, "--out-dir", tmp_path / "out"]}[case]
+    said = {"no held-out file": "does not exist", "no checkpoint": "is not a checkpoint folder",
+            "no data": "python synthetic.py --out"}[case]
+    with pytest.raises(SystemExit) as e:
+        tiny.main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err and said in err, err
+
+
+def test_score_writes_the_accuracy_by_kind_and_each_answer(synth, stage1):
+    tiny.main(["score", "--checkpoint", str(stage1 / "stage1"), "--heldout", str(synth / "heldout.jsonl"),
+               "--eval-samples", "5", "--device", "cpu"])
+    # named after the held-out file's folder, so several test sets can be kept side by side
+    table = json.loads((stage1 / "stage1" / f"accuracy_{synth.name}.json").read_text())
+    answers = [json.loads(l) for l in (stage1 / "stage1" / f"answers_{synth.name}.jsonl").read_text().splitlines()]
+    assert table["all"][1] == len(answers) == 5 and sum(a["correct"] for a in answers) == table["all"][0]
