@@ -433,6 +433,15 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
+def model_flops(model):
+    """tokens, token_pairs -> the training FLOPs of a step, PaLM's model FLOPs (Chowdhery et al. 2022, appendix B):
+    a token of a sequence of T costs 6 N (forward 2 N, backward 4 N, over all N parameters, frozen ones too) +
+    12 L D T (attention scores and their use in f_L); token_pairs sums T over the tokens."""
+    n_params = sum(p.numel() for p in model.parameters())
+    text = model.cfg if isinstance(model, Llama) else model.cfg.text
+    return lambda tokens, token_pairs: 6 * n_params * tokens + 12 * text.num_layers * text.hidden_size * token_pairs
+
+
 def peak_flops(device) -> float:
     """Dense bf16 peak of the GPU, for MFU; 0 where unknown."""
     name = torch.cuda.get_device_name(device) if str(device).startswith("cuda") else ""
@@ -504,6 +513,107 @@ def train_stage(cfg: TrainConfig, stage: int, rank: int, world: int, device: str
     return out
 
 
+def micro_batch_size(cfg: TrainConfig, world: int) -> int:
+    """Samples per micro-batch (--micro-batch, else up to 16), refusing a batch the ranks or micro-batches cannot share."""
+    if cfg.batch_size % world:
+        fail(f"--batch-size {cfg.batch_size} is not divisible by the {world} ranks")
+    per_rank = cfg.batch_size // world
+    micro = cfg.micro_batch or math.gcd(per_rank, 16)
+    if per_rank % micro:
+        fail(f"the per-rank batch {per_rank} is not divisible by --micro-batch {micro}")
+    return micro
+
+
+def wrap_ddp(model, params: list, world: int, device: str):
+    """The model under DistributedDataParallel when there are several ranks, else the model itself."""
+    if world == 1:
+        return model
+    # every backward reaches every trained parameter (micro_loss gives idle ones a zero gradient), so DDP needs no
+    # search for unused ones: a graph traversal each step, and a warning each run where it finds none
+    ddp_model = torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device] if device.startswith("cuda") else None)
+    # DDP copies each gradient into a flat bucket laid out as its parameter. The gradient of a (1, 1, D) parameter
+    # (vit_eos, cls_token) can come as a slice of a larger gradient, with other strides, which DDP copies with a
+    # warning: it is given the parameter's layout first.
+    for p in params:
+        p.register_hook(lambda g, p=p: g if g.stride() == p.stride() else torch.empty_like(p).copy_(g))
+    return ddp_model
+
+
+class StopRequest:
+    """SIGTERM or a first Ctrl-C asks to stop (.asked): the step under way finishes, then the state is saved. A
+    second Ctrl-C raises KeyboardInterrupt at once and saves nothing, since the step it lands in may be half applied."""
+
+    def __enter__(self):
+        self.asked = False
+        self.handlers = {sig: signal.signal(sig, self.ask) for sig in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def ask(self, *_):
+        self.asked = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def __exit__(self, *_):
+        for sig, handler in self.handlers.items():
+            signal.signal(sig, handler)
+
+
+def save_state(path: Path, model, opt, signature: dict, step: int, skipped: int, rank: int, world: int,
+               device: str) -> int:
+    """train_state.pt for --resume, with the random state of every rank (dropout, augmentation), CPU and CUDA, so
+    that each resumes its own stream. Every rank calls it (the states are gathered); rank 0 writes. Returns step."""
+    on_cuda = device.startswith("cuda")
+    rngs = [{"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if on_cuda else None}] * world
+    if world > 1:
+        dist.all_gather_object(rngs, rngs[0])
+    if rank == 0:
+        atomic_save({"signature": signature, "trainable": trainable_state(model), "optimizer": opt.state_dict(),
+                     "step": step, "skipped": skipped, "rng": rngs}, path)
+    return step
+
+
+def train_step(ddp_model, opt, params: list, cfg: TrainConfig, step: int, batch: list, rank: int, world: int,
+               micro: int, micro_loss, autocast, stop_asked: bool, bad_images, device: str) -> dict:
+    """Step number step of AdamW on this rank's share of the global batch, a micro-batch at a time, the gradients
+    synchronised by DDP in the last backward only. A step whose loss or gradient norm is not finite is skipped.
+    bad_images() counts the images found unreadable so far. Returns the step's loss, gradient norm, token counts,
+    and what the ranks agreed."""
+    n_targets = sum(sum(label != -100 for label in s.labels[1:]) for s in batch)
+    per_rank = len(batch) // world
+    # sorted by length, so each micro-batch pads little; the summed loss does not depend on the order
+    mine = sorted(batch[rank * per_rank: (rank + 1) * per_rank], key=lambda s: len(s.ids))
+    rng = random.Random(cfg.seed * 1000003 + step * world + rank)
+    for g in opt.param_groups:
+        g["lr"] = lr_at(step, cfg) * g["lr_scale"]
+    total, tokens, token_pairs = 0.0, 0, 0
+    for i in range(0, len(mine), micro):
+        sync = nullcontext() if i + micro >= len(mine) or world == 1 else ddp_model.no_sync()
+        with sync, autocast:
+            loss, ids = micro_loss(ddp_model, mine[i: i + micro], rng)
+            # the sum over this micro-batch / the target count of the whole global batch, times the ranks DDP
+            # averages over: the same gradient as one process on the whole batch
+            loss = loss * (world / max(1, n_targets))
+            loss.backward()
+        total += loss.item() / world
+        tokens += ids.numel()
+        token_pairs += ids.numel() * ids.shape[1]  # attention's cost grows with the sequence length
+    # Every rank must decide alike whether to skip and whether to stop: the loss is summed over the ranks (and a
+    # stop request with it, and the unreadable images to count), and the gradient norm comes from DDP's averaged
+    # gradients.
+    agreed = torch.tensor([total, float(stop_asked), bad_images()], dtype=torch.float64, device=device)
+    if world > 1:
+        dist.all_reduce(agreed)
+    total = agreed[0].item()
+    norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or math.inf))
+    applied = math.isfinite(total) and math.isfinite(norm)
+    if applied:
+        opt.step()
+    # else skipped: parameters and optimizer untouched; the batch and the lr schedule's step are used up
+    opt.zero_grad(set_to_none=True)
+    return {"loss": total, "norm": norm, "tokens": tokens, "token_pairs": token_pairs, "applied": applied,
+            "stop": agreed[1].item() > 0, "bad_images": int(agreed[2].item())}
+
+
 def fit(model, cfg: TrainConfig, order: list, micro_loss, out: Path, name: str, rank: int, world: int, device: str,
         signature: dict, frozen=(), validate=None, bad_images=lambda: 0, intro: str = "") -> None:
     """The training loop, for any model and loss: cfg.steps AdamW steps of cfg.batch_size samples from order (the
@@ -512,13 +622,7 @@ def fit(model, cfg: TrainConfig, order: list, micro_loss, out: Path, name: str, 
     train_state.pt for --resume, metrics.jsonl (with MFU on a known GPU), validate() -> loss or None. Frozen parts
     run in eval mode (no dropout). Exits with 130 when stopped, 1 after --max-bad-steps bad steps in a row."""
     master, on_cuda = rank == 0, device.startswith("cuda")
-    if cfg.batch_size % world:
-        fail(f"--batch-size {cfg.batch_size} is not divisible by the {world} ranks")
-    per_rank = cfg.batch_size // world
-    # samples are sorted by length before they are cut into micro-batches, so short micro-batches pad little
-    micro = cfg.micro_batch or math.gcd(per_rank, 16)
-    if per_rank % micro:
-        fail(f"the per-rank batch {per_rank} is not divisible by --micro-batch {micro}")
+    micro = micro_batch_size(cfg, world)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=(0.9, 0.95), fused=on_cuda)
     step, skipped, state_path = 0, 0, out / "train_state.pt"
@@ -527,46 +631,14 @@ def fit(model, cfg: TrainConfig, order: list, micro_loss, out: Path, name: str, 
         if master and step:
             print(f"resuming {name} at step {step}", file=sys.stderr)
     saved_at = step if step else None  # the step train_state.pt holds
-    ddp_model = model
-    if world > 1:
-        # every backward reaches every trained parameter (micro_loss gives idle ones a zero gradient), so DDP needs
-        # no search for unused ones: a graph traversal each step, and a warning each run where it finds none
-        ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if on_cuda else None)
-        # DDP copies each gradient into a flat bucket laid out as its parameter. The gradient of a (1, 1, D) parameter
-        # (vit_eos, cls_token) can come as a slice of a larger gradient, with other strides, which DDP copies with a
-        # warning: it is given the parameter's layout first.
-        for p in params:
-            p.register_hook(lambda g, p=p: g if g.stride() == p.stride() else torch.empty_like(p).copy_(g))
+    ddp_model = wrap_ddp(model, params, world, device)
     n_params = sum(p.numel() for p in model.parameters())
     if master:
         out.mkdir(parents=True, exist_ok=True)
         print(f"{name}: {sum(p.numel() for p in params) / 1e6:.2f}M trainable of {n_params / 1e6:.2f}M parameters, "
               f"{cfg.steps} steps of {cfg.batch_size}" + (f", {intro}" if intro else ""), file=sys.stderr)
-    # MFU with PaLM's model FLOPs (Chowdhery et al. 2022, appendix B): a token of a sequence of T costs 6 N (forward
-    # 2 N, backward 4 N, over all N parameters, frozen ones too) + 12 L D T (attention scores and their use in f_L)
-    text = model.cfg if isinstance(model, Llama) else model.cfg.text
-    attention_flops = 12 * text.num_layers * text.hidden_size  # times T, per token
-    peak = peak_flops(device) * world
+    flops_of, peak = model_flops(model), peak_flops(device) * world
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda and cfg.dtype in ("", "bfloat16") else nullcontext()
-    # SIGTERM or a first Ctrl-C asks to stop: the step under way finishes, then the state is saved. A second Ctrl-C
-    # interrupts at once and saves nothing, since the step it lands in may be half applied.
-    stop = {"asked": False}
-
-    def ask_to_stop(*_):
-        stop["asked"] = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    handlers = {sig: signal.signal(sig, ask_to_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
-
-    def save_state():
-        # the random state of every rank (dropout, augmentation), CPU and CUDA, so that each resumes its own stream
-        rngs = [{"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if on_cuda else None}] * world
-        if world > 1:
-            dist.all_gather_object(rngs, rngs[0])
-        if master:
-            atomic_save({"signature": signature, "trainable": trainable_state(model), "optimizer": opt.state_dict(),
-                         "step": step, "skipped": skipped, "rng": rngs}, state_path)
-        return step
 
     def train_mode():
         model.train()
@@ -585,59 +657,31 @@ def fit(model, cfg: TrainConfig, order: list, micro_loss, out: Path, name: str, 
     log = open_log(out / "metrics.jsonl", step) if master else None
     stopping, bad_in_a_row = False, 0
     try:
-        while step < cfg.steps and not stopping and bad_in_a_row < cfg.max_bad_steps:
-            t0 = time.time()
-            batch = order[step * cfg.batch_size: (step + 1) * cfg.batch_size]
-            n_targets = sum(sum(label != -100 for label in s.labels[1:]) for s in batch)
-            # sorted by length, so each micro-batch pads little; the summed loss does not depend on the order
-            mine = sorted(batch[rank * per_rank: (rank + 1) * per_rank], key=lambda s: len(s.ids))
-            rng = random.Random(cfg.seed * 1000003 + step * world + rank)
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, cfg) * g["lr_scale"]
-            total, tokens, flops = 0.0, 0, 0
-            for i in range(0, per_rank, micro):
-                sync = nullcontext() if i + micro >= per_rank or world == 1 else ddp_model.no_sync()
-                with sync, autocast:
-                    loss, ids = micro_loss(ddp_model, mine[i: i + micro], rng)
-                    # the sum over this micro-batch / the target count of the whole global batch, times the ranks
-                    # DDP averages over: the same gradient as one process on the whole batch
-                    loss = loss * (world / max(1, n_targets))
-                    loss.backward()
-                total += loss.item() / world
-                tokens += ids.numel()
-                flops += ids.numel() * (6 * n_params + attention_flops * ids.shape[1])
-            # Every rank must decide alike whether to skip and whether to stop: the loss is summed over the ranks
-            # (and a stop request with it, and the unreadable images to count), and the gradient norm comes from
-            # DDP's averaged gradients.
-            agreed = torch.tensor([total, float(stop["asked"]), bad_images()], dtype=torch.float64, device=device)
-            if world > 1:
-                dist.all_reduce(agreed)
-            total, stopping, bad = agreed[0].item(), agreed[1].item() > 0, int(agreed[2].item())
-            norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or math.inf))
-            if math.isfinite(total) and math.isfinite(norm):
-                opt.step()
-                bad_in_a_row = 0
-            else:  # skipped: parameters and optimizer untouched; the batch and the lr schedule's step are used up
-                skipped, bad_in_a_row = skipped + 1, bad_in_a_row + 1
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            if master:
-                dt = time.time() - t0
-                log_step(log, bar, name, step, total, norm, lr_at(step - 1, cfg), tokens * world / dt, skipped, bad,
-                         flops * world / dt / peak if peak else None)
-            # only after a good step, so that train_state.pt always holds the state a good step left
-            if cfg.save_every and step % cfg.save_every == 0 and not bad_in_a_row:
-                saved_at = save_state()
-            if cfg.eval_every and step % cfg.eval_every == 0:
-                log_validation()
+        with StopRequest() as stop:
+            while step < cfg.steps and not stopping and bad_in_a_row < cfg.max_bad_steps:
+                t0 = time.time()
+                batch = order[step * cfg.batch_size: (step + 1) * cfg.batch_size]
+                r = train_step(ddp_model, opt, params, cfg, step, batch, rank, world, micro, micro_loss, autocast,
+                               stop.asked, bad_images, device)
+                stopping = r["stop"]
+                skipped, bad_in_a_row = (skipped, 0) if r["applied"] else (skipped + 1, bad_in_a_row + 1)
+                step += 1
+                if master:
+                    dt = time.time() - t0
+                    flops = flops_of(r["tokens"], r["token_pairs"])
+                    log_step(log, bar, name, step, r["loss"], r["norm"], lr_at(step - 1, cfg),
+                             r["tokens"] * world / dt, skipped, r["bad_images"], flops * world / dt / peak if peak else None)
+                # only after a good step, so that train_state.pt always holds the state a good step left
+                if cfg.save_every and step % cfg.save_every == 0 and not bad_in_a_row:
+                    saved_at = save_state(state_path, model, opt, signature, step, skipped, rank, world, device)
+                if cfg.eval_every and step % cfg.eval_every == 0:
+                    log_validation()
     except KeyboardInterrupt:
         if master:
             print(f"\ntrain: interrupted in step {step + 1}; {state_path} holds step {saved_at}", file=sys.stderr)
         sys.exit(130)
     finally:
         bar.close()
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
     if bad_in_a_row >= cfg.max_bad_steps:
         # the weights that give NaN may be where the trouble lies, so they are not saved over the last good state
         if master:
@@ -646,16 +690,17 @@ def fit(model, cfg: TrainConfig, order: list, micro_loss, out: Path, name: str, 
             print(f"train: stopped at step {step} after {bad_in_a_row} steps in a row with a NaN or infinite loss "
                   f"or gradient norm; {kept} (try a lower --lr, or check the data)", file=sys.stderr)
         sys.exit(1)
-    save_state()  # also on SIGTERM / Ctrl-C, so --resume continues from here
-    if stopping:
-        if master:
-            log.close()
-            print(f"train: stopped at step {step}; continue with --resume", file=sys.stderr)
-        sys.exit(130)
+    save_state(state_path, model, opt, signature, step, skipped, rank, world, device)  # on a stop too, for --resume
     if master:
-        log_validation()
+        if not stopping:
+            log_validation()
         log.close()
+        if stopping:
+            print(f"train: stopped at step {step}; continue with --resume", file=sys.stderr)
+            sys.exit(130)
         plot_losses(out / "metrics.jsonl", out / "loss.png")
+    elif stopping:
+        sys.exit(130)
 
 
 def log_step(log, bar, name, step, loss, norm, lr, tokens_per_s, skipped, bad_images, mfu) -> None:
