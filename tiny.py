@@ -170,7 +170,7 @@ def pretrain_llm(args, rank: int, world: int, device: str) -> Path:
 
 # ---------------------------------------------------------------------------------------------------------------
 # The f_V stand-in: the tiny f_V learns to see before stage 1, as the real f_V comes from CLIP's ViT-L/14.
-# Captions through a frozen f_L are a weak teacher of shape (README: "The tiny Owl"), and labels are what a
+# Captions through a frozen f_L are a weak teacher of shape (docs/lab-notes.md), and labels are what a
 # synthetic world has for free: every patch is known to show a shape or the background. Each shape's kind, colour and
 # position are read by a linear head from the max over the patches it covers (a read-out that lets a from-scratch ViT
 # learn shape where an average over patches does not), and the count from CLS; the heads are dropped afterwards.
