@@ -7,6 +7,9 @@ Stage 1 keeps f_L frozen; stage 2 trains LoRA adapters on its q_proj and v_proj.
 
 Module names equal HF's LlamaForCausalLM keys, so an HF checkpoint loads one to one (RoPE in the "rotate half"
 layout). Meta's original `consolidated.*.pth` layout is converted on load (the q/k row permutation).
+
+mPLUG-Owl2's LLaMA-2 is the same decoder with its "modality-adaptive module" (LlamaConfig.modality_adaptive): two
+copies of some weights, one for text tokens and one for visual tokens; see Multiway.
 """
 import json
 import time
@@ -30,6 +33,7 @@ class LlamaConfig:
     rms_norm_eps: float = 1e-6
     max_position_embeddings: int = 2048
     rope_theta: float = 10000.0
+    modality_adaptive: bool = False  # mPLUG-Owl2: two copies of each layer's norms and k/v projections (Multiway)
 
     def __post_init__(self):
         self.num_kv_heads = self.num_kv_heads or self.num_heads
@@ -44,6 +48,9 @@ class LlamaConfig:
             "llama-7b": cls(),
             "tiny": cls(vocab_size=512, hidden_size=192, intermediate_size=512, num_layers=4, num_heads=6,
                         max_position_embeddings=512),
+            "owl2-7b": cls(rms_norm_eps=1e-6, max_position_embeddings=2048, modality_adaptive=True),
+            "owl2-tiny": cls(vocab_size=512, hidden_size=192, intermediate_size=512, num_layers=4, num_heads=6,
+                             max_position_embeddings=512, modality_adaptive=True),
         }
         if name not in presets:
             raise ValueError(f"unknown LLaMA preset {name!r}; choose from {sorted(presets)}")
@@ -51,24 +58,30 @@ class LlamaConfig:
 
     @classmethod
     def from_hf(cls, d: dict) -> "LlamaConfig":
-        """From an HF LlamaConfig dict; HF's LLaMA defaults where fields are missing."""
+        """From an HF LlamaConfig dict; HF's LLaMA defaults where fields are missing. mPLUG-Owl2's config.json
+        (model_type "mplug_owl2": a LlamaConfig plus visual_config) gives its modality-adaptive LLaMA."""
         rope = d.get("rope_parameters") or {}  # transformers 5 keeps rope_theta and rope_type here, 4.x at top level
         if d.get("rope_scaling") or rope.get("rope_type", "default") != "default":
             raise ValueError("rope_scaling is not supported: f_L implements plain RoPE as in LLaMA")
         d = {**d, "rope_theta": rope.get("rope_theta", d.get("rope_theta", 10000.0))}
         names = {"num_hidden_layers": "num_layers", "num_attention_heads": "num_heads",
                  "num_key_value_heads": "num_kv_heads"}
+        if d.get("model_type") == "mplug_owl2":
+            d = {**d, "modality_adaptive": True}
         ours = {f.name for f in fields(cls)}
         return cls(**{names.get(k, k): v for k, v in d.items() if names.get(k, k) in ours and v is not None})
 
     def to_hf(self) -> dict:
+        """HF's LlamaConfig dict; a modality-adaptive config adds "modality_adaptive": true (which from_hf reads
+        back; HF's LlamaForCausalLM cannot hold its weights)."""
+        extra = {"modality_adaptive": True} if self.modality_adaptive else {}
         return {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": self.vocab_size,
                 "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
                 "num_hidden_layers": self.num_layers, "num_attention_heads": self.num_heads,
                 "num_key_value_heads": self.num_kv_heads, "rms_norm_eps": self.rms_norm_eps,
                 "max_position_embeddings": self.max_position_embeddings, "rope_theta": self.rope_theta,
                 "hidden_act": "silu", "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
-                "pad_token_id": 0}
+                "pad_token_id": 0, **extra}
 
 
 class RMSNorm(nn.Module):
@@ -160,23 +173,78 @@ class Linear(nn.Linear):
         return kernel(self.weight, x.reshape(d)).reshape(*x.shape[:-1], n)
 
 
+TEXT, VISUAL = 0, 1  # the modality indicator's values, and the numbers of a Multiway's copies
+
+
+def modality_route(modality: Optional[torch.Tensor], B: int, T: int):
+    """Where the B * T tokens of a step go in every Multiway, worked out once per forward (its host syncs too)
+    rather than in each of a layer's 4 Multiways: TEXT or VISUAL when all tokens take that copy (every decode
+    step), else (text index, visual index), the flat positions of the tokens of each copy. modality (B, T): 0 text,
+    1 visual, int or bool; None is all text."""
+    if modality is None:
+        return TEXT
+    if tuple(modality.shape) != (B, T):
+        raise ValueError(f"modality has shape {tuple(modality.shape)}, the tokens {(B, T)}")
+    flat = modality.reshape(-1)
+    if flat.dtype != torch.bool and not ((flat == TEXT) | (flat == VISUAL)).all():
+        raise ValueError("modality holds a value other than 0 (text) and 1 (visual)")
+    visual = flat.bool().nonzero()[:, 0]
+    if len(visual) == 0:
+        return TEXT
+    if len(visual) == len(flat):
+        return VISUAL
+    return (~flat.bool()).nonzero()[:, 0], visual
+
+
+class Multiway(nn.Module):
+    """mPLUG-Owl2's modality-adaptive module: one module in two copies, `multiway.0` for text tokens and
+    `multiway.1` for visual tokens, each token passed through the copy of its modality. Owl2 makes one of each
+    layer's input_layernorm, post_attention_layernorm, self_attn.k_proj and self_attn.v_proj, so text and visual
+    tokens get their own normalisation and their own keys and values, while q_proj, o_proj and the MLP (and so the
+    attention between all tokens) are shared. Copies act on each token alone (a norm, a bias-free Linear), so
+    computing a copy on just its tokens gives what it gives them in the whole sequence.
+
+    route: from modality_route; a step whose tokens all share a modality calls that copy on x directly."""
+
+    def __init__(self, make):
+        super().__init__()
+        self.multiway = nn.ModuleList([make(), make()])  # [TEXT], [VISUAL]: the official key names
+
+    def forward(self, x: torch.Tensor, route) -> torch.Tensor:
+        if isinstance(route, int):
+            return self.multiway[route](x)
+        flat = x.reshape(-1, x.shape[-1])
+        ys = [copy(flat.index_select(0, index)) for copy, index in zip(self.multiway, route)]
+        out = ys[0].new_empty(len(flat), ys[0].shape[-1])
+        for index, y in zip(route, ys):
+            out.index_copy_(0, index, y)
+        return out.view(*x.shape[:-1], -1)
+
+
+def routed(module: nn.Module, x: torch.Tensor, route) -> torch.Tensor:
+    """module(x); for a Multiway, each token through its modality's copy (the one module of a v1 LLaMA takes all)."""
+    return module(x, route) if isinstance(module, Multiway) else module(x)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.cfg = cfg
         D, hd = cfg.hidden_size, cfg.head_dim
+        kv = lambda: Linear(D, cfg.num_kv_heads * hd, bias=False)
         self.q_proj = Linear(D, cfg.num_heads * hd, bias=False)
-        self.k_proj = Linear(D, cfg.num_kv_heads * hd, bias=False)
-        self.v_proj = Linear(D, cfg.num_kv_heads * hd, bias=False)
+        self.k_proj = Multiway(kv) if cfg.modality_adaptive else kv()
+        self.v_proj = Multiway(kv) if cfg.modality_adaptive else kv()
         self.o_proj = Linear(cfg.num_heads * hd, D, bias=False)
         self.cache_k = self.cache_v = None  # (B, kv_heads, max_len, head_dim) once setup_cache is called
 
-    def forward(self, x, cos, sin, start_pos: int, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(self, x, cos, sin, start_pos: int, mask: Optional[torch.Tensor], route=TEXT) -> torch.Tensor:
         B, T, _ = x.shape
         hd = self.cfg.head_dim
         q = self.q_proj(x).view(B, T, self.cfg.num_heads, hd).transpose(1, 2)  # (B, heads, T, hd)
-        k = self.k_proj(x).view(B, T, self.cfg.num_kv_heads, hd).transpose(1, 2)  # (B, kv_heads, T, hd)
-        v = self.v_proj(x).view(B, T, self.cfg.num_kv_heads, hd).transpose(1, 2)
+        # the cache keeps projected keys and values: each token's copy is chosen once, here
+        k = routed(self.k_proj, x, route).view(B, T, self.cfg.num_kv_heads, hd).transpose(1, 2)  # (B, kv_heads, T, hd)
+        v = routed(self.v_proj, x, route).view(B, T, self.cfg.num_kv_heads, hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.cache_k is not None:  # write this step into the pre-allocated cache, attend to all of it so far
             self.cache_k[:B, :, start_pos: start_pos + T] = k
@@ -204,15 +272,16 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        norm = lambda: RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.input_layernorm = Multiway(norm) if cfg.modality_adaptive else norm()
         self.self_attn = Attention(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = Multiway(norm) if cfg.modality_adaptive else norm()
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, start_pos, mask):
+    def forward(self, x, cos, sin, start_pos, mask, route=TEXT):
         # the residual added in place into each branch's fresh output (which no backward needs): no new tensor
-        x = self.self_attn(self.input_layernorm(x), cos, sin, start_pos, mask).add_(x)
-        return self.mlp(self.post_attention_layernorm(x)).add_(x)
+        x = self.self_attn(routed(self.input_layernorm, x, route), cos, sin, start_pos, mask, route).add_(x)
+        return self.mlp(routed(self.post_attention_layernorm, x, route)).add_(x)
 
 
 class Decoder(nn.Module):
@@ -282,15 +351,18 @@ class Llama(nn.Module):
         return self._rope[key]
 
     def forward(self, input_ids=None, inputs_embeds=None, start_pos: int = 0, positions=None, mask=None,
-                last_only: bool = False, targets: Optional[torch.Tensor] = None):
+                last_only: bool = False, targets: Optional[torch.Tensor] = None, modality=None):
         """start_pos: where these tokens sit in the KV cache (0 without a cache). positions (B, T): explicit RoPE
         positions, for left-padded batches; mask: a boolean attention mask (B, 1, T, start_pos + T), True = attend.
         The lm_head (at hidden 1024 as heavy as 2.5 decoder layers) runs only where logits are wanted:
         last_only: the last position alone, (B, 1, vocab): all that generating the next token needs;
         targets (B, T): the token each position should predict, -100 for none: returns instead the summed
-        cross-entropy over the positions with a target, their logits made a block at a time (ChunkedCrossEntropy)."""
+        cross-entropy over the positions with a target, their logits made a block at a time (ChunkedCrossEntropy).
+        modality (B, T): each token's modality, 0 text, 1 visual (None: all text), which picks its copy in every
+        Multiway of a modality-adaptive model; a v1 model has one copy of everything and ignores it."""
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        T = x.shape[1]
+        B, T = x.shape[:2]
+        route = modality_route(modality, B, T) if self.cfg.modality_adaptive else TEXT
         end = start_pos + T if positions is None else int(positions.max()) + 1  # left pads hold no position
         if end > self.cfg.max_position_embeddings:
             raise ValueError(f"sequence of {end} tokens exceeds the context of {self.cfg.max_position_embeddings}")
@@ -303,9 +375,9 @@ class Llama(nn.Module):
             mask = torch.ones(T, start_pos + T, dtype=torch.bool, device=x.device).tril(start_pos)
         for layer in self.model.layers:
             if self.grad_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, start_pos, mask, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, start_pos, mask, route, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, start_pos, mask)
+                x = layer(x, cos, sin, start_pos, mask, route)
         if targets is not None:
             keep = targets != -100
             x, targets = self.model.norm(x[keep]), targets[keep]  # (N, D), (N,)
@@ -331,13 +403,15 @@ class Llama(nn.Module):
 
     @torch.inference_mode()
     def generate(self, input_ids=None, inputs_embeds=None, max_new_tokens: int = 32, eos_id: int = 2,
-                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, generator=None) -> Iterator[int]:
-        """Yield new token ids one by one for a single sequence (batch 1), stopping after EOS or max_new_tokens."""
+                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, generator=None,
+                 modality=None) -> Iterator[int]:
+        """Yield new token ids one by one for a single sequence (batch 1), stopping after EOS or max_new_tokens.
+        modality (1, T): the prompt's modality indicator (see forward); every new token is text."""
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         T = x.shape[1]
         self.setup_cache(1, min(self.cfg.max_position_embeddings, T + max_new_tokens))
         try:
-            logits = self(inputs_embeds=x, start_pos=0, last_only=True)[:, -1]
+            logits = self(inputs_embeds=x, start_pos=0, last_only=True, modality=modality)[:, -1]
             for i in range(max_new_tokens):
                 token = sample(logits, temperature, top_k, top_p, generator)
                 yield token
@@ -350,12 +424,14 @@ class Llama(nn.Module):
     @torch.inference_mode()
     def generate_batch(self, inputs_embeds: torch.Tensor, lengths: List[int], max_new_tokens: int = 32,
                        eos_id: int = 2, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                       generator=None) -> List[List[int]]:
+                       generator=None, modality=None) -> List[List[int]]:
         """The new token ids of several sequences at once. inputs_embeds (B, T, hidden) is left-padded: row b's real
         tokens are its last lengths[b]. Each row's RoPE positions start at 0 at its first real token, and no query
         ever sees a pad, in the prefill and at every step, so a row's answer is what `generate` gives it alone
         (greedy: token for token; sampling draws the rows in turn, so the random stream differs). A row stops after
-        EOS, at max_new_tokens or at the context, and leaves the batch; the batch stops when no row is left."""
+        EOS, at max_new_tokens or at the context, and leaves the batch; the batch stops when no row is left.
+        modality (B, T): the prompts' modality indicators, left-padded as inputs_embeds (a pad's value does not
+        matter, as no query sees a pad; 0 by convention); every new token is text."""
         B, T, _ = inputs_embeds.shape
         device, context = inputs_embeds.device, self.cfg.max_position_embeddings
         real = torch.arange(T, device=device)[None] >= T - torch.tensor(lengths, device=device)[:, None]  # (B, T)
@@ -366,8 +442,8 @@ class Llama(nn.Module):
         self.setup_cache(B, T + min(max_new_tokens, context - min(lengths)))
         answers, rows = [[] for _ in range(B)], list(range(B))  # rows: the rows still in the batch, in cache order
         try:
-            logits = self(inputs_embeds=inputs_embeds, positions=positions, mask=mask[:, None],
-                          last_only=True)[:, -1]  # (B, vocab)
+            logits = self(inputs_embeds=inputs_embeds, positions=positions, mask=mask[:, None], last_only=True,
+                          modality=modality)[:, -1]  # (B, vocab)
             for i in range(max_new_tokens):
                 tokens = [sample(logits[j: j + 1], temperature, top_k, top_p, generator) for j in range(len(rows))]
                 for row, token in zip(rows, tokens):

@@ -33,36 +33,87 @@ from llama import Llama, LlamaConfig, Tokenizer, build_empty, iter_tensors, load
 from vit import ImageTransform, ViTConfig, VisionTransformer
 
 # --------------------------------------------------------------------------------------------------------------
-# The prompt. One BOS for the whole sequence; the text between <image> tags is tokenised chunk by chunk (so each
-# chunk gets SentencePiece's leading space, exactly as the official processor does); each <image> becomes
-# num_queries + 1 placeholder ids, later filled with that image's visual tokens.
+# The prompt. One BOS for the whole sequence; the text between image tags is tokenised chunk by chunk (so each chunk
+# gets SentencePiece's leading space, exactly as the official processors do); each image tag becomes num_queries + 1
+# placeholder ids, later filled with that image's visual tokens. mPLUG-Owl and mPLUG-Owl2 differ in the template.
 
 SYSTEM = ("The following is a conversation between a curious human and AI assistant. "
           "The assistant gives helpful, detailed, and polite answers to the user's questions.")
-IMAGE = "<image>"
 IMAGE_ID = -1  # placeholder id: never a real token, replaced by a visual token before f_L sees it
 
 
+@dataclass(frozen=True)
+class Template:
+    """A model's conversation format. A conversation is start + turn + answer(a) + turn + answer(a) + ... + turn;
+    the model writes the last answer. eos: a tag that stands for the EOS id inside a prompt (Owl2 ends each answer
+    with it), or "" where the text is spelled as it is. defaults: the official CLI's sampling settings."""
+    name: str
+    image: str  # the image tag of --raw-prompt and the template
+    start: str
+    eos: str
+    defaults: dict
+
+    def turn(self, question: str, num_images: int = 0) -> str:
+        """One question, with the images shown at it, up to where the answer begins."""
+        if self.name == "mplug-owl":  # a `Human: <image>` line per image, then the question, then 'AI: '
+            return f"\nHuman: {self.image}" * num_images + f"\nHuman: {question}\nAI: "
+        return f"USER: {self.image * num_images}{question} ASSISTANT:"  # Owl2: the tags lead the question
+
+    def answer(self, text: str) -> str:
+        """What follows a turn once it is answered."""
+        return text if self.name == "mplug-owl" else f" {text.strip()}{self.eos}"
+
+    def prompt(self, question: str, num_images: int) -> str:
+        """The canonical single-turn prompt of the released model."""
+        return self.start + self.turn(question, num_images)
+
+
+# v1: MplugOwlProcessor's template; sampling as the official demo samples. Owl2: conversation.py's "mplug_owl2"
+# (no system text), sampling as serve/cli.py does (temperature 0.2, and HF generate's top_k of 50).
+OWL = Template("mplug-owl", "<image>", SYSTEM, "", dict(temperature=1.0, top_k=3, top_p=1.0, max_new_tokens=512))
+OWL2 = Template("mplug_owl2", "<|image|>", "", "</s>", dict(temperature=0.2, top_k=50, top_p=1.0, max_new_tokens=512))
+IMAGE = OWL.image  # kept for the training code and tests that speak v1
+
+
 def render_turn(question: str, num_images: int = 0) -> str:
-    """One turn: a `Human: <image>` line per image shown at this turn, the question, and 'AI: ' (trailing space)
-    after which the answer follows. A conversation is SYSTEM + turn + answer + turn + answer ..."""
-    return f"\nHuman: {IMAGE}" * num_images + f"\nHuman: {question}\nAI: "
+    return OWL.turn(question, num_images)
 
 
 def render_prompt(question: str, num_images: int) -> str:
-    """The canonical single-turn prompt of the released model."""
-    return SYSTEM + render_turn(question, num_images)
+    return OWL.prompt(question, num_images)
 
 
-def tokenize(tokenizer: Tokenizer, text: str, tokens_per_image: int) -> List[int]:
-    """Ids of text (no BOS): text chunks tokenised separately, each <image> -> tokens_per_image placeholders."""
-    ids = []
-    for chunk in re.split(f"({re.escape(IMAGE)})", text):
-        if chunk == IMAGE:
+def tokenize(tokenizer: Tokenizer, text: str, tokens_per_image: int, template: "Template" = OWL) -> List[int]:
+    """Ids of text (no BOS): text chunks tokenised separately, each image tag -> tokens_per_image placeholders. With
+    Owl2, each `</s>` is the EOS id, and the text around it is stripped of spaces, as HF's slow tokenizer does."""
+    tags = [template.image] + ([template.eos] if template.eos else [])
+    ids, chunks = [], re.split("(" + "|".join(map(re.escape, tags)) + ")", text)
+    for i, chunk in enumerate(chunks):
+        if chunk == template.image:
             ids += [IMAGE_ID] * tokens_per_image
-        elif chunk:
-            ids += tokenizer.encode(chunk)
+        elif template.eos and chunk == template.eos:
+            ids.append(tokenizer.eos_id)
+        else:
+            if template.eos and i + 1 < len(chunks) and chunks[i + 1] == template.eos:
+                chunk = chunk.rstrip()
+            if template.eos and i > 0 and chunks[i - 1] == template.eos:
+                chunk = chunk.lstrip()
+            if chunk:
+                ids += tokenizer.encode(chunk)
     return ids
+
+
+class SquareFirst(ImageTransform):
+    """mPLUG-Owl2's preprocessing (its README and evaluation scripts): RGB, a bicubic stretch to a square as wide as
+    the longest edge, then the CLIP processor's bicubic resize to S x S and mean/std. For a non-square image these
+    are not the pixels of one stretch straight to S x S."""
+
+    def __call__(self, image) -> torch.Tensor:
+        from PIL import Image
+
+        rgb = image.convert("RGB")
+        side = max(rgb.size)
+        return super().__call__(rgb.resize((side, side), resample=Image.BICUBIC))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -74,18 +125,44 @@ class OwlConfig:
     vision: ViTConfig = field(default_factory=ViTConfig)
     abstractor: AbstractorConfig = field(default_factory=AbstractorConfig)
     text: LlamaConfig = field(default_factory=LlamaConfig)
+    version: int = 1  # 1: mPLUG-Owl; 2: mPLUG-Owl2 (448-px images, sin-cos positions in f_K, modality-adaptive f_L)
 
     @property
     def tokens_per_image(self) -> int:
-        return self.abstractor.num_queries + 1  # the queries plus vit_eos: 65 in the released model
+        return self.abstractor.num_queries + 1  # the queries plus vit_eos: 65 in the released models
+
+    @property
+    def template(self) -> Template:
+        return OWL if self.version == 1 else OWL2
 
     @classmethod
     def preset(cls, name: str) -> "OwlConfig":
-        if name == "owl-7b":
-            return cls(ViTConfig.preset("vit-l14"), AbstractorConfig.preset("owl-7b"), LlamaConfig.preset("llama-7b"))
-        if name == "tiny":
-            return cls(ViTConfig.preset("tiny"), AbstractorConfig.preset("tiny"), LlamaConfig.preset("tiny"))
-        raise ValueError(f"unknown Owl preset {name!r}; choose from ['owl-7b', 'tiny']")
+        presets = {"owl-7b": ("vit-l14", "owl-7b", "llama-7b", 1), "tiny": ("tiny", "tiny", "tiny", 1),
+                   "owl2-7b": ("owl2-7b", "owl2-7b", "owl2-7b", 2), "owl2-tiny": ("owl2-tiny", "owl2-tiny", "owl2-tiny", 2)}
+        if name not in presets:
+            raise ValueError(f"unknown Owl preset {name!r}; choose from {sorted(presets)}")
+        vision, abstractor, text, version = presets[name]
+        return cls(ViTConfig.preset(vision), AbstractorConfig.preset(abstractor), LlamaConfig.preset(text), version)
+
+    @classmethod
+    def from_owl2(cls, d: dict) -> "OwlConfig":
+        """From an mPLUG-Owl2 config.json (model_type 'mplug_owl2'): a LLaMA config at the top level, with
+        `visual_config` holding `visual_model` (f_V) and `visual_abstractor` (f_K)."""
+        visual = d.get("visual_config") or {"visual_model": {}, "visual_abstractor": {}}  # none: the 7B's defaults
+        if not isinstance(visual, dict) or not all(isinstance(visual.get(k), dict)
+                                                   for k in ("visual_model", "visual_abstractor")):
+            raise ValueError("config.json's visual_config must hold visual_model and visual_abstractor objects")
+        for key, ok in (("hidden_act", "silu"), ("tie_word_embeddings", False), ("attention_bias", False)):
+            if d.get(key, ok) != ok:
+                raise ValueError(f"config.json {key} is {d[key]!r}; Owl runs mPLUG-Owl2's LLaMA with {ok!r}")
+        llama = {k: v for k, v in d.items() if k not in ("visual_config", "model_type", "architectures")}
+        text = replace(LlamaConfig.from_hf({"rms_norm_eps": 1e-6, "max_position_embeddings": 2048, **llama}),
+                       modality_adaptive=True)
+        vision = ViTConfig.from_owl2(visual["visual_model"])
+        abstractor = AbstractorConfig.from_owl2(visual["visual_abstractor"], text.hidden_size)
+        if abstractor.hidden_size != vision.hidden_size:
+            raise ValueError("the abstractor's hidden_size must equal the vision model's hidden_size")
+        return cls(vision, abstractor, text, version=2)
 
     @classmethod
     def from_official(cls, d: dict) -> "OwlConfig":
@@ -113,6 +190,8 @@ class OwlConfig:
 
     def to_official(self) -> dict:
         v, a = self.vision, self.abstractor
+        if self.version == 2:
+            return self.to_owl2()
         return {
             "model_type": "mplug-owl", "architectures": ["MplugOwlForConditionalGeneration"],
             "num_query_tokens": a.num_queries,
@@ -152,7 +231,7 @@ class Owl(nn.Module):
         self.abstractor = VisualAbstractor(cfg.abstractor)
         self.language_model = Llama(cfg.text)
         self.tokenizer: Optional[Tokenizer] = None
-        self.image_transform = ImageTransform(cfg.vision.image_size)
+        self.image_transform = (ImageTransform if cfg.version == 1 else SquareFirst)(cfg.vision.image_size)
 
     def init_weights(self) -> None:
         for part in (self.vision_model, self.abstractor, self.language_model):
@@ -191,11 +270,17 @@ class Owl(nn.Module):
         # row-major fill: the first slot in the batch gets the first image's first token, and so on
         return x.masked_scatter(is_image.unsqueeze(-1), visual.reshape(-1, visual.shape[-1]))
 
+    def modality(self, input_ids: torch.Tensor) -> Optional[torch.Tensor]:
+        """Owl2's modality indicator (B, T): 1 at the visual tokens, 0 at text; f_L runs its text or its visual
+        copy of the norms and of k/v per token. None for v1, whose f_L treats every position alike."""
+        return (input_ids == IMAGE_ID).long() if self.cfg.version == 2 else None
+
     def forward(self, input_ids: torch.Tensor, pixels: Optional[torch.Tensor] = None,
                 targets: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Logits (B, T, vocab) for ids with image placeholders; images in the order their slots appear.
         targets (B, T), -100 where none: the summed cross-entropy instead (see Llama.forward)."""
-        return self.language_model(inputs_embeds=self.embed(input_ids, pixels), targets=targets)
+        return self.language_model(inputs_embeds=self.embed(input_ids, pixels), targets=targets,
+                                   modality=self.modality(input_ids))
 
     @torch.inference_mode()
     def generate(self, ids: List[int], pixels: Optional[torch.Tensor] = None, sampling: Optional[Sampling] = None,
@@ -206,11 +291,13 @@ class Owl(nn.Module):
         s = replace(sampling or Sampling(), **settings)
         self.check_context(ids)
         device = self.device
-        embeds = self.embed(torch.tensor([ids], device=device), None if pixels is None else pixels.to(device),
+        input_ids = torch.tensor([ids], device=device)
+        embeds = self.embed(input_ids, None if pixels is None else pixels.to(device),
                             None if visual is None else visual.to(device))
         yield from self.language_model.generate(inputs_embeds=embeds, max_new_tokens=s.max_new_tokens,
                                                 eos_id=self.tokenizer.eos_id, temperature=s.temperature,
-                                                top_k=s.top_k, top_p=s.top_p, generator=s.generator)
+                                                top_k=s.top_k, top_p=s.top_p, generator=s.generator,
+                                                modality=self.modality(input_ids))
 
     @torch.inference_mode()
     def generate_batch(self, prompts: List[tuple], sampling: Optional[Sampling] = None,
@@ -228,10 +315,11 @@ class Owl(nn.Module):
         embeds = self.embed(padded, torch.cat(images).to(self.device) if images else None)  # (B, T, D)
         return self.language_model.generate_batch(embeds, [len(ids) for ids, _ in prompts], s.max_new_tokens,
                                                   self.tokenizer.eos_id, s.temperature, s.top_k, s.top_p,
-                                                  s.generator)
+                                                  s.generator, modality=self.modality(padded))
 
     def prompt_ids(self, text: str) -> List[int]:
-        return [self.tokenizer.bos_id] + tokenize(self.tokenizer, text, self.cfg.tokens_per_image)
+        """BOS + the ids of a prompt written in this model's template, with image placeholders."""
+        return [self.tokenizer.bos_id] + tokenize(self.tokenizer, text, self.cfg.tokens_per_image, self.cfg.template)
 
     # ---- the official checkpoint format -------------------------------------------------------------------------
 
@@ -247,7 +335,8 @@ class Owl(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder, dtype=torch.float32, device="cpu") -> "Owl":
-        """Read an official mPLUG-Owl checkpoint folder strictly, tensor by tensor into the target dtype."""
+        """Read an official mPLUG-Owl or mPLUG-Owl2 checkpoint folder strictly, tensor by tensor into the target
+        dtype: one safetensors or .bin file, or shards of either with their index."""
         folder = Path(folder)
         if not folder.is_dir():
             raise FileNotFoundError(f"checkpoint folder {folder} does not exist")
@@ -255,10 +344,14 @@ class Owl(nn.Module):
             if not (folder / needed).exists():
                 raise FileNotFoundError(f"checkpoint folder {folder} has no {needed}")
         config = read_json(folder / "config.json")
-        if config.get("model_type") != "mplug-owl":
-            raise ValueError(f"{folder} holds a {config.get('model_type')!r} checkpoint, not mPLUG-Owl "
-                             "(config.json model_type must be 'mplug-owl')")
-        model = build_empty(cls, OwlConfig.from_official(config))
+        kind = config.get("model_type")
+        if kind == "mplug_owl2_1":
+            raise ValueError(f"{folder} holds mPLUG-Owl2.1 (model_type 'mplug_owl2_1', a Qwen language model), which "
+                             "Owl does not run; it runs mPLUG-Owl ('mplug-owl') and mPLUG-Owl2 ('mplug_owl2')")
+        if kind not in ("mplug-owl", "mplug_owl2"):
+            raise ValueError(f"{folder} holds a {kind!r} checkpoint; config.json model_type must be 'mplug-owl' "
+                             "(mPLUG-Owl) or 'mplug_owl2' (mPLUG-Owl2)")
+        model = build_empty(cls, OwlConfig.from_official(config) if kind == "mplug-owl" else OwlConfig.from_owl2(config))
         ignore = lambda k: k.endswith("rotary_emb.inv_freq")  # a buffer old checkpoints carry; RoPE is recomputed
         load_into(model, ((k, t) for k, t in iter_tensors(folder) if not ignore(k)), dtype, device,
                   key_map=model.official_key_map())
@@ -268,7 +361,7 @@ class Owl(nn.Module):
                              f"{model.cfg.text.vocab_size} embeddings")
         pre = folder / "preprocessor_config.json"
         if pre.exists():
-            model.image_transform = ImageTransform.from_preprocessor_config(read_json(pre),
+            model.image_transform = type(model.image_transform).from_preprocessor_config(read_json(pre),
                                                                             model.cfg.vision.image_size)
         return model.eval()
 
@@ -402,16 +495,17 @@ class Turn:
     answer: str = ""
 
 
-def chat_prompt(turns: List[Turn]) -> str:
-    """The conversation in the canonical template: SYSTEM, then each turn and its answer (the last one still empty)."""
-    return SYSTEM + "".join(render_turn(t.question, len(t.images)) + t.answer for t in turns)
+def chat_prompt(turns: List[Turn], template: Template = OWL) -> str:
+    """The conversation in the model's template: its start, then each turn and its answer (the last one unanswered)."""
+    return template.start + "".join(template.turn(t.question, len(t.images)) + (template.answer(t.answer)
+                                    if i + 1 < len(turns) else "") for i, t in enumerate(turns))
 
 
 def turns_to_drop(model: Owl, history: List[Turn], turn: Turn, room: int) -> Optional[int]:
     """How many of the oldest turns must go so the prompt leaves `room` tokens of the context for the answer; None
     if even the new turn alone does not fit."""
     for dropped in range(len(history) + 1):
-        ids = model.prompt_ids(chat_prompt(history[dropped:] + [turn]))
+        ids = model.prompt_ids(chat_prompt(history[dropped:] + [turn], model.cfg.template))
         if len(ids) + room < model.cfg.text.max_position_embeddings:
             return dropped
     return None
@@ -469,7 +563,7 @@ def chat_turn(model: Owl, history: List[Turn], turn: Turn, args) -> Optional[Lis
     history = history[dropped:] + [turn]
     images = [image for t in history for image in t.images]  # in the order of their <image> lines
     visual = torch.stack(images) if images else None
-    ids = model.prompt_ids(chat_prompt(history))
+    ids = model.prompt_ids(chat_prompt(history, model.cfg.template))
     # a fresh stream each turn: with --seed, every answer is drawn as a one-question run draws it
     turn.answer = model.tokenizer.decode(stream_answer(model, ids, None, sampling_of(args), visual=visual))
     return history
@@ -489,7 +583,7 @@ class Question:
     prompt: str
 
 
-def read_questions(path: str) -> List[Question]:
+def read_questions(path: str, template: Template = OWL) -> List[Question]:
     """Every line of a JSONL questions file, {"image": [paths], "prompt": "..."}, checked before anything is
     generated: a malformed line is an error that names its number. Blank lines are skipped."""
     file = Path(path)
@@ -509,8 +603,8 @@ def read_questions(path: str) -> List[Question]:
         images = item.get("image") or []
         if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
             raise UserError(f'{where} has an "image" that is not a list of paths')
-        if IMAGE in item["prompt"]:
-            raise UserError(f'{where} has {IMAGE} in its prompt; its images are placed from "image"')
+        if template.image in item["prompt"]:
+            raise UserError(f'{where} has {template.image} in its prompt; its images are placed from "image"')
         questions.append(Question(n, images, item["prompt"]))
     if not questions:
         raise UserError(f"questions file {path} holds no questions")
@@ -520,8 +614,8 @@ def read_questions(path: str) -> List[Question]:
 def answer_questions(model: Owl, path: str, args) -> None:
     """Answer a questions file in batches of --batch-size, one JSON line per question, in the file's order. Image
     paths are relative to the file's folder. Every prompt is tokenised and every image read before the first batch."""
-    questions, folder = read_questions(path), Path(path).parent
-    ids = [model.prompt_ids(render_prompt(q.prompt, len(q.images))) for q in questions]
+    questions, folder = read_questions(path, model.cfg.template), Path(path).parent
+    ids = [model.prompt_ids(model.cfg.template.prompt(q.prompt, len(q.images))) for q in questions]
     for q, q_ids in zip(questions, ids):
         try:
             model.check_context(q_ids, f"line {q.line} of {path}")
@@ -575,19 +669,23 @@ def save_attention(model: Owl, pixels: torch.Tensor, path: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Ask Owl (mPLUG-Owl) about images: one question (--prompt), a chat "
-                                "(no --prompt), or a file of questions in batches (--questions).",
+    p = argparse.ArgumentParser(description="Ask Owl (mPLUG-Owl or mPLUG-Owl2, told apart by the checkpoint's "
+                                "config.json) about images: one question (--prompt), a chat (no --prompt), or a file "
+                                "of questions in batches (--questions).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", default="runs/owl-tiny/stage2",
-                   help="an mPLUG-Owl checkpoint folder (official format: config.json, weights, tokenizer.model)")
+                   help="an mPLUG-Owl or mPLUG-Owl2 checkpoint folder (official format: config.json, weights, "
+                        "tokenizer.model)")
     p.add_argument("--image", action="append", default=[], help="an image file; repeat for several images, in order")
     p.add_argument("--prompt", default=None,
-                   help="the question; wrapped in the canonical template with one 'Human: <image>' line per image. "
+                   help="the question; wrapped in the model's template: mPLUG-Owl's with one 'Human: <image>' line "
+                        "per image, mPLUG-Owl2's 'USER: <|image|>...question ASSISTANT:'. "
                         f"Without it, an interactive chat starts, with the history kept in the template: {CHAT_HELP}; "
                         "the oldest turns are forgotten, with a notice, when the history and the room for the answer "
                         "(--max-new-tokens, at most a quarter of the context) outgrow the context")
     p.add_argument("--raw-prompt", action="store_true",
-                   help="use --prompt as the full prompt, as is, with one <image> tag per --image")
+                   help="use --prompt as the full prompt, as is, with one image tag per --image (<image> for "
+                        "mPLUG-Owl, <|image|> for mPLUG-Owl2)")
     p.add_argument("--questions", metavar="FILE.jsonl", default=None,
                    help='answer a file of questions, one {"image": [paths], "prompt": "..."} per line ("image" may be '
                         "missing or empty; paths are relative to the file's folder), in batches; prints one JSON line "
@@ -605,10 +703,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "tokens/s)")
     p.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
                    help="refuse images with more pixels than this, from their header, before decoding them")
-    p.add_argument("--max-new-tokens", type=int, default=512, help="the most tokens to generate")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; 0 = greedy decoding")
-    p.add_argument("--top-k", type=int, default=3, help="sample among the k most likely tokens (0 = all)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: the smallest set with this mass")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="the most tokens to generate (512)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="sampling temperature; 0 = greedy decoding. Unset, the loaded model's official defaults "
+                        "apply: temperature 1.0 and top-k 3 for mPLUG-Owl (its demo), temperature 0.2 and top-k 50 "
+                        "for mPLUG-Owl2 (its serve/cli.py with HF generate's top-k)")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (0 = all; default: "
+                   "the model's, see --temperature)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: the smallest set with this mass (1.0)")
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="weights and compute dtype")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
@@ -617,9 +719,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_args(args) -> None:
     """The flag values and combinations that cannot work, refused before the model is loaded."""
-    if args.max_new_tokens < 1 or args.batch_size < 1 or args.max_pixels < 1:
+    if (args.max_new_tokens or 1) < 1 or args.batch_size < 1 or args.max_pixels < 1:
         raise UserError("--max-new-tokens, --batch-size and --max-pixels must be at least 1")
-    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
+    top_p = 1.0 if args.top_p is None else args.top_p
+    if (args.temperature or 0) < 0 or not 0 < top_p <= 1 or (args.top_k or 0) < 0:
         raise UserError("--temperature must be >= 0, --top-k >= 0 and --top-p in (0, 1]")
     if args.questions is not None and (args.image or args.prompt is not None or args.show_attention or args.json):
         raise UserError("--questions takes its images and prompts from its file: drop --image, --prompt, "
@@ -632,13 +735,24 @@ def check_args(args) -> None:
         raise UserError("--raw-prompt needs --prompt")
     if args.prompt is not None and not args.prompt.strip():
         raise UserError("the prompt is empty")
-    if args.raw_prompt and args.prompt.count(IMAGE) != len(args.image):
-        raise UserError(f"the prompt has {args.prompt.count(IMAGE)} {IMAGE} tags but {len(args.image)} images "
-                        "were given")
-    if not args.raw_prompt and args.prompt is not None and IMAGE in args.prompt:
-        raise UserError(f"the question contains {IMAGE}; pass --raw-prompt to place images yourself")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but no CUDA device is available")
+
+
+def check_prompt(args, template: Template) -> None:
+    """The prompt's image tags (<image> for mPLUG-Owl, <|image|> for mPLUG-Owl2), once the model is known."""
+    tag = template.image
+    if args.raw_prompt and args.prompt.count(tag) != len(args.image):
+        raise UserError(f"the prompt has {args.prompt.count(tag)} {tag} tags but {len(args.image)} images were given")
+    if not args.raw_prompt and args.prompt is not None and tag in args.prompt:
+        raise UserError(f"the question contains {tag}; pass --raw-prompt to place images yourself")
+
+
+def fill_defaults(args, template: Template) -> None:
+    """The sampling flags left unset take the loaded model's official defaults."""
+    for name, value in template.defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
 
 
 def load_model(args) -> Owl:
@@ -653,7 +767,7 @@ def load_model(args) -> Owl:
 
 def prompt_ids_of(model: Owl, args) -> List[int]:
     """The ids of --prompt: in the canonical template, or as is with --raw-prompt; refused if it fills the context."""
-    ids = model.prompt_ids(args.prompt if args.raw_prompt else render_prompt(args.prompt, len(args.image)))
+    ids = model.prompt_ids(args.prompt if args.raw_prompt else model.cfg.template.prompt(args.prompt, len(args.image)))
     try:
         model.check_context(ids)
     except ValueError as e:
@@ -667,6 +781,9 @@ def main(argv=None) -> int:
         check_args(args)
         start = time.perf_counter()
         model = load_model(args)
+        fill_defaults(args, model.cfg.template)
+        if args.prompt is not None:
+            check_prompt(args, model.cfg.template)
         if args.questions is not None:
             answer_questions(model, args.questions, args)
             return 0
