@@ -640,6 +640,9 @@ class Tokenizer:
         self.bos_id, self.eos_id, self.unk_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.unk_id()
         self.pad_id = self.unk_id
         self.vocab_size = self.sp.get_piece_size()
+        # HF's "legacy" reading (tokenizer_config.json): False spells text after a special token without the
+        # leading space; the caller that splits on special tokens sets it
+        self.legacy = True
 
     def encode(self, text: str) -> list:
         """Ids of text without BOS/EOS. SentencePiece adds its dummy-prefix space to each call, as HF's slow

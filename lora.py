@@ -63,11 +63,14 @@ def _children(model):  # (parent, attribute, child, full name), listed up front 
 
 
 def apply_lora(model: nn.Module, targets=("q_proj", "v_proj"), r=8, alpha=32, dropout=0.05) -> list[str]:
-    """Replace every nn.Linear whose attribute name is in `targets` by a LoRALinear; return the replaced names."""
+    """Replace every nn.Linear whose attribute name is in `targets` by a LoRALinear; return the replaced names.
+    A target that is a pair of modality copies (mPLUG-Owl2's `k_proj.multiway.0` and `.1`) gets LoRA on each copy."""
     targets = (targets,) if isinstance(targets, str) else tuple(targets)
     replaced = []
     for parent, attr, child, name in _children(model):
-        if attr in targets and isinstance(child, nn.Linear) and not isinstance(child, LoRALinear):
+        parts = name.split(".")
+        named = attr in targets or (len(parts) >= 3 and parts[-2] == "multiway" and parts[-3] in targets)
+        if named and isinstance(child, nn.Linear) and not isinstance(child, LoRALinear):
             setattr(parent, attr, LoRALinear.from_linear(child, r, alpha, dropout))
             replaced.append(name)
     if not replaced:

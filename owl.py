@@ -84,8 +84,8 @@ def render_prompt(question: str, num_images: int) -> str:
 
 
 def tokenize(tokenizer: Tokenizer, text: str, tokens_per_image: int, template: "Template" = OWL) -> List[int]:
-    """Ids of text (no BOS): text chunks tokenised separately, each image tag -> tokens_per_image placeholders. With
-    Owl2, each `</s>` is the EOS id, and the text around it is stripped of spaces, as HF's slow tokenizer does."""
+    """Ids of text (no BOS): text chunks tokenised separately, each image tag -> tokens_per_image placeholders. In
+    Owl2 prompts each `</s>` is the EOS id, as HF's slow LLaMA tokenizer reads it (the official code's)."""
     tags = [template.image] + ([template.eos] if template.eos else [])
     ids, chunks = [], re.split("(" + "|".join(map(re.escape, tags)) + ")", text)
     for i, chunk in enumerate(chunks):
@@ -93,14 +93,20 @@ def tokenize(tokenizer: Tokenizer, text: str, tokens_per_image: int, template: "
             ids += [IMAGE_ID] * tokens_per_image
         elif template.eos and chunk == template.eos:
             ids.append(tokenizer.eos_id)
-        else:
-            if template.eos and i + 1 < len(chunks) and chunks[i + 1] == template.eos:
-                chunk = chunk.rstrip()
-            if template.eos and i > 0 and chunks[i - 1] == template.eos:
-                chunk = chunk.lstrip()
-            if chunk:
-                ids += tokenizer.encode(chunk)
+        elif chunk:
+            after_eos = i > 0 and chunks[i - 1] == template.eos
+            ids += encode_after_special(tokenizer, chunk) if after_eos and not tokenizer.legacy else tokenizer.encode(chunk)
     return ids
+
+
+def encode_after_special(tokenizer: Tokenizer, text: str) -> List[int]:
+    """Text right after a special token, as HF's slow LLaMA tokenizer spells it when tokenizer_config.json says
+    "legacy": false (Llama-2's files do): without SentencePiece's leading space, unless the text starts with one."""
+    text = text.replace("\u2581", " ")
+    pieces = tokenizer.sp.encode(text, out_type=str)
+    if pieces and not text.startswith(" ") and pieces[0].startswith("\u2581"):
+        pieces = ([pieces[0][1:]] if len(pieces[0]) > 1 else []) + pieces[1:]
+    return [tokenizer.sp.piece_to_id(p) for p in pieces]
 
 
 class SquareFirst(ImageTransform):
@@ -324,7 +330,13 @@ class Owl(nn.Module):
     # ---- the official checkpoint format -------------------------------------------------------------------------
 
     def official_key_map(self) -> dict:
-        """Official checkpoint key -> our state_dict key. f_V and f_L already use the official names."""
+        """Official checkpoint key -> our state_dict key. v1: f_V and f_L already use the official names. Owl2: f_L's
+        keys at the top level (model.layers..., lm_head), f_V and f_K under model.vision_model / model.visual_abstractor."""
+        if self.cfg.version == 2:
+            table = {k[len("language_model."):]: k for k in self.state_dict() if k.startswith("language_model.")}
+            for part, prefix in ((self.vision_model, "vision_model."), (self.abstractor, "abstractor.")):
+                table.update({theirs: prefix + ours for ours, theirs in part.owl2_key_map().items()})
+            return table
         table = {}
         for name in self.state_dict():
             if name.startswith(("vision_model.", "language_model.")):
@@ -352,10 +364,17 @@ class Owl(nn.Module):
             raise ValueError(f"{folder} holds a {kind!r} checkpoint; config.json model_type must be 'mplug-owl' "
                              "(mPLUG-Owl) or 'mplug_owl2' (mPLUG-Owl2)")
         model = build_empty(cls, OwlConfig.from_official(config) if kind == "mplug-owl" else OwlConfig.from_owl2(config))
-        ignore = lambda k: k.endswith("rotary_emb.inv_freq")  # a buffer old checkpoints carry; RoPE is recomputed
+        # buffers, not weights: RoPE's inv_freq (old checkpoints) and, in Owl2 checkpoints saved by the official
+        # code, f_K's sin-cos tables; both are computed at build
+        tables = set(model.abstractor.owl2_table_keys()) if kind == "mplug_owl2" else set()
+        ignore = lambda k: k.endswith("rotary_emb.inv_freq") or k in tables
         load_into(model, ((k, t) for k, t in iter_tensors(folder) if not ignore(k)), dtype, device,
                   key_map=model.official_key_map())
+        model.to(device)  # the buffers built outside the loader (f_K's tables) join the weights
         model.tokenizer = Tokenizer(folder / "tokenizer.model")
+        tok_config = folder / "tokenizer_config.json"
+        if tok_config.exists():  # transformers 4.31 reads a missing "legacy" as true, and null as false
+            model.tokenizer.legacy = bool(read_json(tok_config).get("legacy", True))
         if model.tokenizer.vocab_size > model.cfg.text.vocab_size:
             raise ValueError(f"tokenizer.model has {model.tokenizer.vocab_size} pieces, the model only "
                              f"{model.cfg.text.vocab_size} embeddings")
@@ -380,7 +399,7 @@ class Owl(nn.Module):
         elif src is not None:
             (folder / "tokenizer.model").write_bytes(src)
         t = self.image_transform
-        S = t.image_size  # the official processor squashes to size["shortest_edge"], then resizes and crops to S
+        S = t.image_size  # the official processors squash to a square first, then resize to size and crop to S
         (folder / "preprocessor_config.json").write_text(json.dumps({
             "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": S},
             "do_center_crop": True, "crop_size": {"height": S, "width": S}, "resample": 3, "do_rescale": True,

@@ -5,10 +5,17 @@ embeddings are added, and 24 pre-LayerNorm transformer blocks mix the 257 tokens
 257 outputs after `post_layernorm`. Stage 1 trains f_V (initialised from CLIP); stage 2 keeps it frozen.
 
 Module names equal the official mPLUG-Owl keys (prefix `vision_model.`), so the official weights load one to one.
+
+mPLUG-Owl2 (mPLUG-Owl2/mplug_owl2/model/visual_encoder.py) has the same tower and the same names below its prefix
+`model.vision_model.` (VisionTransformer.owl2_key_map), with two differences: images of 448 pixels (32 x 32 patches
++ CLS = 1025 tokens, a position_embedding of 1025 rows), and plain nn.LayerNorm where v1 casts to float32 and back
+(ViTConfig.fp32_norms = False). In bf16 both give the same numbers but for rare last-bit roundings (PyTorch's kernel
+computes in float32 itself); they differ under CUDA autocast, where a plain LayerNorm returns float32 and so keeps
+the residual stream in float32. Both versions run the attention softmax in the activations' dtype, not upcast.
 """
 import json
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +37,7 @@ class ViTConfig:
     num_heads: int = 16
     intermediate_size: int = 4096
     layer_norm_eps: float = 1e-6  # mPLUG-Owl's value; CLIP's own checkpoint uses 1e-5
+    fp32_norms: bool = True  # v1's LayerNormFp32; False: mPLUG-Owl2's plain nn.LayerNorm
 
     @property
     def num_patches(self) -> int:
@@ -40,6 +48,10 @@ class ViTConfig:
         presets = {
             "vit-l14": cls(),
             "tiny": cls(image_size=64, patch_size=8, hidden_size=128, num_layers=4, num_heads=4, intermediate_size=512),
+            "owl2-7b": cls(image_size=448, fp32_norms=False),  # 32 x 32 patches + CLS = 1025 tokens
+            # tiny at a higher resolution, as Owl2 is v1 at 448: 12 x 12 patches (abstractor preset owl2-tiny's grid)
+            "owl2-tiny": cls(image_size=96, patch_size=8, hidden_size=128, num_layers=4, num_heads=4,
+                             intermediate_size=512, fp32_norms=False),
         }
         if name not in presets:
             raise ValueError(f"unknown ViT preset {name!r}; choose from {sorted(presets)}")
@@ -49,8 +61,23 @@ class ViTConfig:
     def from_official(cls, d: dict) -> "ViTConfig":
         """From the `vision_config` of an mPLUG-Owl config.json (missing fields take the official defaults)."""
         names = {"num_hidden_layers": "num_layers", "num_attention_heads": "num_heads"}
-        kw = {names.get(k, k): v for k, v in d.items() if names.get(k, k) in {f.name for f in fields(cls)}}
+        ours = {f.name for f in fields(cls)} - {"fp32_norms"}  # ours, not a field of any official config
+        kw = {names.get(k, k): v for k, v in d.items() if names.get(k, k) in ours}
         return cls(**kw)
+
+    @classmethod
+    def from_owl2(cls, d: dict) -> "ViTConfig":
+        """From `visual_config["visual_model"]` of an mPLUG-Owl2 config.json (or the whole file); missing fields take
+        the defaults of the official MplugOwlVisionConfig: ViT-L/14 at 448 pixels, eps 1e-6, quick_gelu."""
+        if "visual_config" in d or d.get("model_type") == "mplug_owl2":
+            d = (d.get("visual_config") or {}).get("visual_model") or {}  # none: the official defaults
+        defaults = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                        image_size=448, patch_size=14, layer_norm_eps=1e-6)
+        for key, ok in (("hidden_act", "quick_gelu"), ("use_cls_token", True), ("use_post_layernorm", True),
+                        ("num_channels", 3)):
+            if d.get(key, ok) != ok:  # Owl2.1's ViT, e.g., has no CLS token: another model
+                raise ValueError(f"visual_model.{key} is {d[key]!r}; f_V implements mPLUG-Owl2's tower with {ok!r}")
+        return replace(cls.from_official({**defaults, **d}), fp32_norms=False)
 
     @classmethod
     def from_clip(cls, d: dict) -> "ViTConfig":
@@ -76,13 +103,18 @@ class LayerNormFp32(nn.LayerNorm):
         return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).type_as(x)
 
 
+def layer_norm(cfg: ViTConfig) -> nn.LayerNorm:
+    """f_V's LayerNorm: v1's float32 one, or mPLUG-Owl2's plain nn.LayerNorm (the same weights and keys)."""
+    return (LayerNormFp32 if cfg.fp32_norms else nn.LayerNorm)(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+
 class Embeddings(nn.Module):
     def __init__(self, cfg: ViTConfig):
         super().__init__()
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.hidden_size))
         self.patch_embed = nn.Conv2d(3, cfg.hidden_size, cfg.patch_size, stride=cfg.patch_size, bias=False)
         self.position_embedding = nn.Parameter(torch.zeros(1, cfg.num_patches + 1, cfg.hidden_size))
-        self.pre_layernorm = LayerNormFp32(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.pre_layernorm = layer_norm(cfg)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(pixels.to(self.patch_embed.weight.dtype))  # (B, D, S/P, S/P)
@@ -124,9 +156,9 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: ViTConfig):
         super().__init__()
-        self.input_layernorm = LayerNormFp32(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.input_layernorm = layer_norm(cfg)
         self.self_attn = Attention(cfg)
-        self.post_attention_layernorm = LayerNormFp32(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.post_attention_layernorm = layer_norm(cfg)
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -158,10 +190,28 @@ class VisionTransformer(nn.Module):
         self.cfg = cfg
         self.embeddings = Embeddings(cfg)
         self.encoder = Encoder(cfg)
-        self.post_layernorm = LayerNormFp32(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.post_layernorm = layer_norm(cfg)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.post_layernorm(self.encoder(self.embeddings(pixels)))
+
+    def owl2_key_map(self) -> dict:
+        """Our state_dict key -> the mPLUG-Owl2 checkpoint key (an explicit table, built in a loop). The names
+        below the prefix `model.vision_model.` are v1's: the official converter writes exactly these."""
+        p = "model.vision_model."
+        table = {name: p + name for name in
+                 ("embeddings.cls_token", "embeddings.patch_embed.weight", "embeddings.position_embedding")}
+        for name in ("weight", "bias"):
+            table[f"embeddings.pre_layernorm.{name}"] = f"{p}embeddings.pre_layernorm.{name}"
+            table[f"post_layernorm.{name}"] = f"{p}post_layernorm.{name}"
+        official = {"input_layernorm": "input_layernorm", "self_attn.query_key_value": "self_attn.query_key_value",
+                    "self_attn.dense": "self_attn.dense", "post_attention_layernorm": "post_attention_layernorm",
+                    "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
+        for i in range(self.cfg.num_layers):
+            for ours, theirs in official.items():
+                for name in ("weight", "bias"):
+                    table[f"encoder.layers.{i}.{ours}.{name}"] = f"{p}encoder.layers.{i}.{theirs}.{name}"
+        return table
 
     def init_weights(self, std: float = 0.02) -> None:
         """Random init for training from scratch. Position embeddings start as 2-D sin-cos values (still learned):
