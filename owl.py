@@ -215,6 +215,32 @@ class OwlConfig:
         }
 
 
+    def to_owl2(self) -> dict:
+        """mPLUG-Owl2's config.json: the LLaMA fields at the top level, f_V and f_K in visual_config, every field the
+        official configuration classes write."""
+        v, a = self.vision, self.abstractor
+        llama = {k: x for k, x in self.text.to_hf().items() if k not in ("model_type", "architectures", "modality_adaptive")}
+        return {
+            "model_type": "mplug_owl2", "architectures": ["MPLUGOwl2LlamaForCausalLM"], **llama,
+            "pretraining_tp": 1, "use_cache": True, "rope_scaling": None, "attention_bias": False,
+            "visual_config": {
+                "visual_model": {"hidden_size": v.hidden_size, "intermediate_size": v.intermediate_size,
+                                 "projection_dim": v.hidden_size, "num_hidden_layers": v.num_layers,
+                                 "num_attention_heads": v.num_heads, "num_channels": 3, "image_size": v.image_size,
+                                 "patch_size": v.patch_size, "hidden_act": "quick_gelu",
+                                 "layer_norm_eps": v.layer_norm_eps, "attention_dropout": 0.0,
+                                 "initializer_range": 0.02, "initializer_factor": 1.0, "use_flash_attn": False,
+                                 "use_post_layernorm": True, "use_cls_token": True},
+                "visual_abstractor": {"add_v2t_pos_emb": False, "use_cls_token": True,
+                                      "num_learnable_queries": a.num_queries, "hidden_size": a.hidden_size,
+                                      "num_hidden_layers": a.num_layers, "num_attention_heads": a.num_heads,
+                                      "intermediate_size": a.intermediate_size,
+                                      "attention_probs_dropout_prob": a.attention_dropout, "initializer_range": 0.02,
+                                      "layer_norm_eps": a.layer_norm_eps, "encoder_hidden_size": v.hidden_size,
+                                      "grid_size": a.grid_size}},
+        }
+
+
 @dataclass
 class Sampling:
     """How an answer is drawn: greedily at temperature 0, else at that temperature among the top_k most likely
@@ -405,15 +431,18 @@ class Owl(nn.Module):
             "do_center_crop": True, "crop_size": {"height": S, "width": S}, "resample": 3, "do_rescale": True,
             "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(t.mean), "image_std": list(t.std),
             "do_convert_rgb": True}, indent=2))
+        # v1's processor adds the BOS itself; Owl2's tokenizer_image_token keeps the BOS the tokenizer adds
+        owl2 = {"add_bos_token": True, "legacy": self.tokenizer.legacy if self.tokenizer else False}
         (folder / "tokenizer_config.json").write_text(json.dumps({
             "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
             "pad_token": "<unk>", "add_bos_token": False, "add_eos_token": False,
-            "clean_up_tokenization_spaces": False, "model_max_length": self.cfg.text.max_position_embeddings}, indent=2))
+            "clean_up_tokenization_spaces": False, "model_max_length": self.cfg.text.max_position_embeddings,
+            **(owl2 if self.cfg.version == 2 else {})}, indent=2))
         (folder / "special_tokens_map.json").write_text(json.dumps(
             {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<unk>"}, indent=2))
+        generation = ({"max_length": 512, "do_sample": True, "top_k": 3} if self.cfg.version == 1 else {})
         (folder / "generation_config.json").write_text(json.dumps(
-            {"max_length": 512, "do_sample": True, "top_k": 3, "bos_token_id": 1, "eos_token_id": 2,
-             "pad_token_id": 0}, indent=2))
+            {**generation, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}, indent=2))
 
 
 def save_shards(state: dict, folder: Path, max_shard_bytes: int = 0, safe: bool = True, fill=None) -> None:
