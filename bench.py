@@ -515,14 +515,14 @@ def case_owl(table, z):
 # ---------------------------------------------------------------------------------------------------------------
 # load-7b: the real size, from disk
 
-def write_random_checkpoint(folder: Path, layers: int) -> None:
-    """A random owl-7b checkpoint in the official format (bf16, safetensors shards of at most 2 GB with an index),
+def write_random_checkpoint(folder: Path, layers: int, preset: str = "owl-7b") -> None:
+    """A random owl-7b (or owl2-7b) checkpoint in the official format (bf16, safetensors shards of at most 2 GB with an index),
     written by Owl.save_pretrained's own shard writer, a shard at a time so that the writer never holds more than a
     shard. Done once: a finished folder is reused."""
     if (folder / "complete").exists():
         return
     folder.mkdir(parents=True, exist_ok=True)
-    cfg = OwlConfig.preset("owl-7b")
+    cfg = OwlConfig.preset(preset)
     cfg.text.num_layers = layers
     model = build_empty(Owl, cfg)  # shapes and names only, on the meta device
     official = {ours: theirs for theirs, ours in model.official_key_map().items()}
@@ -544,13 +544,20 @@ def write_random_checkpoint(folder: Path, layers: int) -> None:
 
 def load_and_decode(folder: str, new_tokens: int):
     """(In a fresh process.) Owl.from_pretrained in bf16, then one image and a question (so every weight is used)
-    and new_tokens greedy tokens; prints the timings and the process's peak resident memory as JSON."""
+    and new_tokens greedy tokens; prints the timings and the process's peak resident memory as JSON. new_tokens 0:
+    the load alone (bf16 matrix products are slow on a CPU without bf16 instructions)."""
     start = time.perf_counter()
     model = Owl.from_pretrained(folder, dtype=torch.bfloat16)
     load_s = time.perf_counter() - start
+    if not new_tokens:
+        with torch.no_grad():  # every weight read once, so that a lazily mapped file is counted as it would be in use
+            for p in model.parameters():
+                p.sum()
+        print(json.dumps({"load_s": load_s, "weights": nbytes(model.parameters()), "peak": peak_rss_bytes()}))
+        return
     with torch.no_grad():
         model.language_model.lm_head.weight[model.tokenizer.eos_id] = 0.0  # EOS never wins: new_tokens every run
-    ids = model.prompt_ids(render_prompt("What is in the picture? Describe it in detail.", 1))
+    ids = model.prompt_ids(model.cfg.template.prompt("What is in the picture? Describe it in detail.", 1))
     pixels = torch.randn(1, 3, model.cfg.vision.image_size, model.cfg.vision.image_size)
     times = []
     start = time.perf_counter()
@@ -561,15 +568,22 @@ def load_and_decode(folder: str, new_tokens: int):
                       "per_token_s": (times[-1] - times[0]) / (len(times) - 1), "peak": peak_rss_bytes()}))
 
 
-def case_load_7b(table, z, folder: Path, layers: int, limit: float, threads: int):
-    write_random_checkpoint(folder, layers)
-    m = in_fresh_process(f"load_and_decode({str(folder)!r}, {max(8, z['new_tokens'] // 2)})", threads)
-    name = "owl-7b" if layers == 32 else f"owl-7b with {layers} f_L layers"
-    table.add(f"{name} bf16: Owl.from_pretrained, then 1 image + question ({m['positions']} positions)",
-              f"load {m['load_s']:.1f} s, first token after {m['first_token_s']:.1f} s more")
+def case_load_7b(table, z, folder: Path, layers: int, limit: float, threads: int, preset: str = "owl-7b",
+                 decode: bool = True):
+    write_random_checkpoint(folder, layers, preset)
+    m = in_fresh_process(f"load_and_decode({str(folder)!r}, {max(8, z['new_tokens'] // 2) if decode else 0})",
+                         threads)
+    name = preset if layers == 32 else f"{preset} with {layers} f_L layers"
+    if not decode:
+        table.add(f"{name} bf16: Owl.from_pretrained", f"load {m['load_s']:.1f} s")
+    else:
+        table.add(f"{name} bf16: Owl.from_pretrained, then 1 image + question ({m['positions']} positions)",
+                  f"load {m['load_s']:.1f} s, first token after {m['first_token_s']:.1f} s more")
     times = m["peak"] / m["weights"]
     table.add(f"{name} bf16: peak resident memory", f"{m['peak'] / GB:.2f} GB = {times:.2f} x the weights' "
               f"{m['weights'] / GB:.2f} GB", target="<= 1.15 x", met=yes(times <= 1.15))
+    if not decode:
+        return
     bw = m["decode_weights"] / m["per_token_s"] / GB
     table.add(f"{name} bf16: decode", f"{1 / m['per_token_s']:.2f} tokens/s, {bw:.1f} GB/s = {bw / limit:.0%}",
               target=">= 70% of bandwidth", met=yes(bw / limit >= 0.7))
@@ -620,6 +634,10 @@ def main(argv=None) -> int:
                         "--load-7b-dir once, then measure Owl.from_pretrained and bf16 decode in a fresh process")
     p.add_argument("--load-7b-dir", default="runs/bench/owl-7b-random",
                    help="where the random owl-7b checkpoint is written and reused")
+    p.add_argument("--load-7b-model", choices=["owl-7b", "owl2-7b"], default="owl-7b",
+                   help="with --load-7b: mPLUG-Owl's 7B or mPLUG-Owl2's (8.2 B; 448-px f_V, modality-adaptive f_L)")
+    p.add_argument("--load-7b-no-decode", action="store_true",
+                   help="with --load-7b: measure the load and its memory only, no image or decode")
     p.add_argument("--load-7b-layers", type=int, default=32,
                    help="f_L layers of that checkpoint (32 is owl-7b; fewer makes a small one to try the path)")
     args = p.parse_args(argv)
@@ -659,7 +677,9 @@ def main(argv=None) -> int:
     if "owl" in cases:
         case_owl(table, z)
     if args.load_7b:
-        case_load_7b(table, z, Path(args.load_7b_dir), args.load_7b_layers, limit, args.threads)
+        folder = Path(args.load_7b_dir.replace("owl-7b", args.load_7b_model))
+        case_load_7b(table, z, folder, args.load_7b_layers, limit, args.threads, args.load_7b_model,
+                     decode=not args.load_7b_no_decode)
     print(f"\n{command} ({time.perf_counter() - started:.0f} s), {datetime.date.today()}\n{machine()}\n")
     print(table.markdown())
     return 0
