@@ -1,5 +1,5 @@
-"""Owl's training data: readers of the stage-1 and stage-2 formats, training samples with answer-only labels, and
-stage 1's augmentation.
+"""Owl's training data: readers of the stage-1 and stage-2 formats, training samples with answer-only labels in the
+model's template, stage 1's augmentation and mPLUG-Owl2's training image transform.
 
 Stage 1 reads image-caption JSONL; stage 2 the official mPLUG-Owl JSONL, LLaVA's JSON and Alpaca's JSON (text-only),
 each into one Conversation. A malformed line or a missing image skips that sample with a counted warning.
@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from owl import IMAGE, IMAGE_ID, SYSTEM, render_turn, tokenize
+from owl import IMAGE, IMAGE_ID, OWL, OWL2, SYSTEM, Template, render_turn, tokenize  # noqa: F401 (data.SYSTEM: tests)
+from vit import ImageTransform
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -23,7 +24,7 @@ from owl import IMAGE, IMAGE_ID, SYSTEM, render_turn, tokenize
 class Conversation:
     """A stage-2 sample: absolute image paths and (question, answer) turns. A question starts with one "<image>\\n"
     per image shown at that turn, in order, as the canonical template shows images on their own "Human:" lines
-    before the question; the three formats land in this same form."""
+    before the question; the three formats land in this same form, whichever model the sample is rendered for."""
     images: list[str]
     turns: list[tuple[str, str]]
 
@@ -50,9 +51,11 @@ def parse_owl_text(text):
 
 
 def _conversation(images, turns, base):
-    """Validate and normalise: image tags moved to the front of their question, one per image overall, and no
-    empty answer (a turn with nothing to learn is a malformed entry, not a sample)."""
+    """Validate and normalise: image tags (mPLUG-Owl's <image>, or mPLUG-Owl2's <|image|> as its own training data
+    writes them) moved to the front of their question as <image>, one per image overall, and no empty answer (a
+    turn with nothing to learn is a malformed entry, not a sample)."""
     images = [images] if isinstance(images, str) else list(images or [])
+    turns = [(q.replace(OWL2.image, IMAGE), a) for q, a in turns]
     turns = [((IMAGE + "\n") * q.count(IMAGE) + q.replace(IMAGE, "").strip(), a.strip()) for q, a in turns]
     if not turns or not all(a for _, a in turns):
         raise ValueError("no turns, or an empty answer")
@@ -152,25 +155,40 @@ class Sample:
     images: list[str]  # one path per image slot run, in order
 
 
-def conversation_segments(conv):
-    """(text, is_answer) segments of a conversation in the canonical template."""
-    segments, prefix = [], SYSTEM
+def conversation_segments(conv, template: Template = OWL):
+    """(text, is_answer) segments of a conversation in the model's template, as inference renders its history
+    (owl.chat_prompt). mPLUG-Owl: the system text, "\\nHuman: <image>" per image, "\\nHuman: Q\\nAI: ", then the
+    answer. mPLUG-Owl2: "USER: <|image|>Q ASSISTANT:", then " answer</s>"; the space and the </s> are build_sample's
+    (each answer is followed by the EOS id, and tokenised as it reads after a space)."""
+    segments, prefix = [], template.start
     for question, answer in conv.turns:
-        segments.append((prefix + render_turn(question.replace(IMAGE, "").strip(), question.count(IMAGE)), False))
+        segments.append((prefix + template.turn(question.replace(IMAGE, "").strip(), question.count(IMAGE)), False))
         segments.append((answer, True))
         prefix = ""
     return segments
 
 
-def build_sample(tokenizer, segments, images, tokens_per_image, seq_len, encode=None):
+def build_sample(tokenizer, segments, images, tokens_per_image, seq_len, encode=None, template: Template = OWL):
     """Ids and labels from segments, truncated to seq_len; None when no answer token survives the cut (such a
     sample costs a forward and backward and teaches nothing). A cut never keeps part of an image: the image slots
-    of a cut image go, with that image. encode(text) -> ids tokenises the prompt segments (owl.tokenize by default)."""
-    encode = encode or (lambda text: tokenize(tokenizer, text, tokens_per_image))
-    ids, labels = [tokenizer.bos_id], [-100]
+    of a cut image go, with that image. encode(text) -> ids tokenises the prompt segments (owl.tokenize in the
+    template by default).
+
+    An answer is SentencePiece's pieces of its text, then EOS: the same ids as the answer inside the whole rendered
+    conversation, since the prompt before it ends where a word ends (after "AI: " or "ASSISTANT:"). In mPLUG-Owl2 a
+    prompt that follows an answer follows its </s>, and is tokenised after one, as owl.tokenize reads the history
+    (with a non-legacy tokenizer the text after </s> gets no leading space)."""
+    encode = encode or (lambda text: tokenize(tokenizer, text, tokens_per_image, template))
+    ids, labels, after_answer = [tokenizer.bos_id], [-100], False
     for text, is_answer in segments:
-        piece = tokenizer.encode(text) + [tokenizer.eos_id] if is_answer else encode(text)
+        if is_answer:
+            piece = tokenizer.encode(text) + [tokenizer.eos_id]
+        elif after_answer and template.eos:
+            piece = encode(template.eos + text)[1:]  # the </s> only places the text; the answer's EOS is in already
+        else:
+            piece = encode(text)
         ids, labels = ids + piece, labels + (piece if is_answer else [-100] * len(piece))
+        after_answer = is_answer
     if len(ids) > seq_len:
         # an image's slots are contiguous: the slots left over after whole images are the start of a cut one
         cut = seq_len - (ids[:seq_len].count(IMAGE_ID) % tokens_per_image if tokens_per_image else 0)
@@ -188,19 +206,21 @@ def caption_segments(caption, caption_prompt=""):
     return [(prompt, False), (caption, True)]
 
 
-def load_training_samples(path, stage, tokenizer, tokens_per_image, seq_len, caption_prompt=""):
+def load_training_samples(path, stage, tokenizer, tokens_per_image, seq_len, caption_prompt="",
+                          template: Template = OWL):
     """Every usable sample of one data file, tokenised. Stage 1: image-caption JSONL (laid out by caption_segments);
     stage 2: the official mPLUG-Owl JSONL, or LLaVA JSON (entries with "conversations") and Alpaca JSON, told apart
-    entry by entry."""
+    entry by entry, rendered in the template of the model trained (owl.OWL or owl.OWL2)."""
     if stage == 1:
         items = [(caption_segments(text, caption_prompt), [image]) for image, text in load_captions_jsonl(path)]
     else:
         convs = load_owl_jsonl(path) if str(path).endswith(".jsonl") else load_instruction_json(path)
-        items = [(conversation_segments(c), c.images) for c in convs]
+        items = [(conversation_segments(c, template), c.images) for c in convs]
     present = [item for item in items if all(os.path.isfile(p) for p in item[1])]
     if len(present) < len(items):
         warnings.warn(f"{path}: skipped {len(items) - len(present)} samples whose image file is missing")
-    samples = [build_sample(tokenizer, segs, images, tokens_per_image, seq_len) for segs, images in present]
+    samples = [build_sample(tokenizer, segs, images, tokens_per_image, seq_len, template=template)
+               for segs, images in present]
     dropped = sum(s is None for s in samples)
     if dropped:
         warnings.warn(f"{path}: dropped {dropped} samples left without an answer token by --seq-len {seq_len}")
@@ -225,3 +245,20 @@ def augment(img, rng, *more, flip=True):
     if flip and rng.random() < 0.5:
         images = tuple(i.transpose(Image.FLIP_LEFT_RIGHT) for i in images)
     return images if more else images[0]
+
+
+class PadToSquare(ImageTransform):
+    """mPLUG-Owl2's training images (its train.py with --image_aspect_ratio pad, as scripts/finetune_lora.sh runs
+    it; mm_utils.expand2square): RGB, centred on a square as wide as its longest edge that is filled with the image
+    processor's mean colour (each channel's mean times 255, truncated: (122, 116, 104) for CLIP's), then resized to
+    S x S (bicubic) and normalised with the processor's mean and std, as at inference. Nothing of the image is cut
+    or stretched; inference (owl.SquareFirst) stretches instead, as the official README and evaluation do."""
+
+    def __call__(self, image: Image.Image):
+        rgb = image.convert("RGB")
+        (w, h), side = rgb.size, max(rgb.size)
+        if w != h:
+            square = Image.new("RGB", (side, side), tuple(int(m * 255) for m in self.mean))
+            square.paste(rgb, ((side - w) // 2, (side - h) // 2))
+            rgb = square
+        return super().__call__(rgb)

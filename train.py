@@ -5,9 +5,18 @@
     stage 2  joint instruction tuning: f_V frozen; LoRA on f_L (q_proj, v_proj) and f_K trained on text-only and
              multimodal instructions mixed (--freeze-abstractor freezes f_K, as the released code does). Starts from
              a stage-1 checkpoint (--init).
+             From an mPLUG-Owl2 checkpoint (--init with model_type mplug_owl2), stage 2 is mPLUG-Owl2's LoRA
+             fine-tuning (its scripts/finetune_lora.sh): LoRA r 128, alpha 256 on every Linear of f_L (q, k, v, o,
+             gate, up, down; k and v in both modality copies), f_K trained at its own lr, f_V frozen; the same data
+             files, rendered in mPLUG-Owl2's template ("USER: <|image|>Q ASSISTANT: A</s>", the loss on each answer
+             and its </s>), each image padded to a square with the mean colour. Stage 1 is mPLUG-Owl's only.
+             The template is the one mPLUG-Owl2's inference uses (owl.py's, conversation.py's "mplug_owl2"); the
+             script's --version v1 would add Vicuna's system text, and its train.py a newline after <|image|>.
 
     torchrun --nproc_per_node=8 train.py --stage 1 --vit-init CLIP --llm-init LLAMA --data captions.jsonl ...
     torchrun --nproc_per_node=8 train.py --stage 2 --init runs/owl/stage1 --data llava.json --data alpaca.json:0.5 ...
+    torchrun --nproc_per_node=8 train.py --stage 2 --init mplug-owl2-llama2-7b --data llava_v1_5_mix665k.json \
+        --lr 1e-4 --weight-decay 0 --batch-size 128 --seq-len 2048 --grad-checkpointing ...   # finetune_lora.sh's
 
 Each stage writes OUT_DIR/stageN/: a full checkpoint in the official format (LoRA merged) that `python owl.py
 --checkpoint` loads, the LoRA adapter alone (stage 2), metrics.jsonl, loss.png, and train_state.pt for --resume.
@@ -25,6 +34,7 @@ import time
 import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -56,16 +66,16 @@ class TrainConfig:
     batch_size: int = 0  # global batch (samples per optimizer step, all ranks); 0 = the stage's default
     micro_batch: int = 0  # samples per forward pass on one rank; 0 = gcd(per-rank batch, 16): few pads, same gradient
     lr: float = 0.0  # peak learning rate; 0 = the stage's default
-    abstractor_lr_scale: float = 3.0  # f_K's lr as a multiple of --lr (1 = one lr for all, as released)
+    abstractor_lr_scale: float = 0.0  # f_K's lr as a multiple of --lr; 0 = the model's default: 3 for v1 (the tiny run's; 1 = one lr for all, as released), 0.2 for Owl2 (finetune_lora.sh's f_K lr over its lr)
     warmup: int = 0  # warm-up steps (linear), then cosine to lr/10; 0 = 5% of the steps
     weight_decay: float = 0.01  # AdamW decoupled weight decay on every parameter but biases and norm weights (queries too), the rule of the HF Trainer the released code trains with
     grad_clip: float = 1.0  # clip the global gradient norm to this; 0 = no clipping (the norm is still logged)
     max_bad_steps: int = 10  # a NaN or infinite loss or gradient norm skips the step; this many in a row stop the run
     seq_len: int = 256  # tokens per sample, longer ones are truncated
-    lora_r: int = 8  # LoRA rank (stage 2), as released
-    lora_alpha: float = 32.0  # LoRA scale alpha; the update is (alpha / r) B A
+    lora_r: int = 0  # LoRA rank (stage 2); 0 = the model's released recipe: 8 for v1, 128 for Owl2
+    lora_alpha: float = 0.0  # LoRA scale alpha, the update being (alpha / r) B A; 0 = 32 for v1, 256 for Owl2
     lora_dropout: float = 0.05  # dropout on the LoRA input path
-    lora_targets: str = "q_proj,v_proj"  # comma-separated f_L Linear names that get LoRA
+    lora_targets: str = ""  # comma-separated f_L Linear names that get LoRA (in Owl2 both modality copies of k_proj, v_proj); "" = q_proj,v_proj for v1, all seven for Owl2
     freeze_abstractor: bool = False  # stage 2: keep f_K frozen, as the released code does (the paper trains it)
     max_pixels: int = MAX_PIXELS  # an image with more pixels is skipped (and counted), refused from its header
     caption_prompt: str = "Describe the image."  # stage 1: each caption is learnt as the answer to this question about its image ("Human: <image>\nHuman: Q\nAI: caption", the chat layout stage 2 uses); "" puts the caption right after the image
@@ -82,6 +92,14 @@ class TrainConfig:
 # Defaults sized for the tiny run, so that `make demo` finishes in minutes on 2 CPU cores (docs/lab-notes.md holds
 # the measurements). A from-scratch f_V is unstable above lr 1e-3; stage 1 gets most of the time at that rate.
 STAGE_DEFAULTS = {1: dict(steps=500, batch_size=64, lr=1e-3), 2: dict(steps=300, batch_size=64, lr=1e-3)}
+# Defaults that follow the model trained: mPLUG-Owl's released LoRA (pipeline/train.py) and the tiny run's f_K rate;
+# mPLUG-Owl2's scripts/finetune_lora.sh (every Linear of f_L but lm_head, as its find_all_linear_names picks them,
+# and --visual_abstractor_lr 2e-5 with --learning_rate 1e-4).
+MODEL_DEFAULTS = {
+    1: dict(lora_r=8, lora_alpha=32.0, lora_targets="q_proj,v_proj", abstractor_lr_scale=3.0),
+    2: dict(lora_r=128, lora_alpha=256.0, lora_targets="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+            abstractor_lr_scale=0.2),
+}
 
 
 def parse_args(argv=None) -> TrainConfig:
@@ -153,10 +171,14 @@ def build_model(cfg: TrainConfig, stage: int, tokenizer: Tokenizer, device, dtyp
     prev = Path(cfg.out_dir) / "stage1"
     if cfg.init:
         model = Owl.from_pretrained(cfg.init, torch.float32, device)
+        tokenizer.legacy = model.tokenizer.legacy  # the checkpoint's reading of text after </s> (Owl2 prompts)
     elif stage == 2 and (prev / "config.json").exists() and not cfg.llm_init:
         model = Owl.from_pretrained(prev, torch.float32, device)
     else:  # from parts: f_V from CLIP (or random), a random f_K, f_L from a LLaMA folder
         ocfg = OwlConfig.preset(cfg.model)
+        if ocfg.version == 2:
+            fail(f"--model {cfg.model} is mPLUG-Owl2, which Owl fine-tunes from its checkpoint only: --stage 2 "
+                 "--init FOLDER")
         meta = (Path(cfg.llm_init) / "params.json").exists()
         llm = Llama.from_meta(cfg.llm_init) if meta else Llama.from_hf(cfg.llm_init)
         ocfg.text = llm.cfg
@@ -171,6 +193,9 @@ def build_model(cfg: TrainConfig, stage: int, tokenizer: Tokenizer, device, dtyp
         if cfg.vit_init:
             model.vision_model = vit
         model = model.to(device)
+    if stage == 1 and model.cfg.version == 2:
+        fail(f"{cfg.init} is an mPLUG-Owl2 checkpoint, which Owl fine-tunes in stage 2 only (--stage 2 --init); "
+             "stage 1 is mPLUG-Owl's pre-training")
     model.tokenizer = tokenizer
     for p in model.parameters():
         p.requires_grad = False
@@ -410,7 +435,10 @@ def param_groups(model, cfg: TrainConfig) -> list:
     released stage 2 trains with (mPLUG-Owl/pipeline/train.py, weight decay 1e-4 on the LoRA matrices it trains). So
     f_K's query tokens and vit_eos, and f_V's class token and position embeddings, are decayed like any matrix.
     f_K runs at --abstractor-lr-scale times the lr: the tiny run's from-scratch f_V is unstable above lr 1e-3, while
-    f_K learns faster at a higher rate (position accuracy of stage-1 captions 51% -> 99% with f_K at 3x)."""
+    f_K learns faster at a higher rate (position accuracy of stage-1 captions 51% -> 99% with f_K at 3x). mPLUG-Owl2's
+    finetune_lora.sh asks for f_K at 2e-5 with the lr at 1e-4 (scale 0.2, its default here), in groups like these
+    (mplug_owl2_trainer.py); that trainer picks f_K's parameters by the name "visual_abstractor_lr", which none has,
+    so the released script in fact runs f_K at the lr (--abstractor-lr-scale 1 does as it does)."""
     no_decay = {id(p) for m in model.modules() if isinstance(m, (torch.nn.LayerNorm, RMSNorm))
                 for p in m.parameters(recurse=False)}
     no_decay |= {id(p) for name, p in model.named_parameters() if name.rsplit(".", 1)[-1] == "bias"}
@@ -455,9 +483,22 @@ def peak_flops(device) -> float:
 # ---------------------------------------------------------------------------------------------------------------
 # One stage: build the model, read the data, fit, export
 
-def stage_config(cfg: TrainConfig, stage: int) -> TrainConfig:
-    """cfg with the stage's defaults filled in and its own data: for --stage all, stage 2 reads --stage2-data."""
-    filled = {k: getattr(cfg, k) or v for k, v in STAGE_DEFAULTS[stage].items()}
+def start_version(cfg: TrainConfig) -> int:
+    """The version of the model a stage starts from, for its defaults: 2 when --init is an mPLUG-Owl2 folder
+    (config.json's model_type 'mplug_owl2'), else 1 (a stage-1 result, a model built from parts). A config.json
+    that cannot be read counts as 1 here; Owl.from_pretrained then says what is wrong with it."""
+    if not cfg.init:
+        return 1
+    try:
+        return 2 if json.loads((Path(cfg.init) / "config.json").read_text()).get("model_type") == "mplug_owl2" else 1
+    except (OSError, ValueError, AttributeError):
+        return 1
+
+
+def stage_config(cfg: TrainConfig, stage: int, version: int = 1) -> TrainConfig:
+    """cfg with the stage's and the model version's defaults filled in and its own data: for --stage all, stage 2
+    reads --stage2-data."""
+    filled = {k: getattr(cfg, k) or v for k, v in {**STAGE_DEFAULTS[stage], **MODEL_DEFAULTS[version]}.items()}
     if cfg.stage == "all" and stage == 2:
         filled.update(data=cfg.stage2_data, val_data=cfg.stage2_val_data)
     out = TrainConfig(**{**asdict(cfg), **filled})
@@ -467,7 +508,7 @@ def stage_config(cfg: TrainConfig, stage: int) -> TrainConfig:
 
 def train_stage(cfg: TrainConfig, stage: int, rank: int, world: int, device: str) -> Path:
     """Stage 1 or 2, from its start (build_model) to its checkpoint in out_dir/stageN."""
-    cfg = stage_config(cfg, stage)
+    cfg = stage_config(cfg, stage, start_version(cfg))
     out = Path(cfg.out_dir) / f"stage{stage}"
     dtype = getattr(torch, cfg.dtype) if cfg.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     torch.manual_seed(cfg.seed + stage)
@@ -478,9 +519,10 @@ def train_stage(cfg: TrainConfig, stage: int, rank: int, world: int, device: str
     tokenizer = Tokenizer(tok_path)
     model = build_model(cfg, stage, tokenizer, device, dtype)
     tpi = model.cfg.tokens_per_image
-    sources = load_samples(cfg.data, stage, tokenizer, tpi, cfg.seq_len, cfg.caption_prompt)
+    read = partial(data.load_training_samples, template=model.cfg.template)  # each conversation in the model's own
+    sources = load_samples(cfg.data, stage, tokenizer, tpi, cfg.seq_len, cfg.caption_prompt, read)
     order = sample_order(sources, cfg.steps * cfg.batch_size, cfg.seed + stage)
-    images = ImageCache(model.image_transform, cfg.augment and stage == 1, cfg.max_pixels)
+    images = ImageCache(training_transform(model), cfg.augment and stage == 1, cfg.max_pixels)
     # the trained parameters that a micro-batch without images (stage 2's text-only instructions) leaves out
     idle = [p for part in (model.vision_model, model.abstractor) for p in part.parameters() if p.requires_grad]
 
@@ -500,7 +542,7 @@ def train_stage(cfg: TrainConfig, stage: int, rank: int, world: int, device: str
 
     val = None
     if cfg.val_data:
-        val_samples = load_samples([cfg.val_data], stage, tokenizer, tpi, cfg.seq_len, cfg.caption_prompt)[0][0]
+        val_samples = load_samples([cfg.val_data], stage, tokenizer, tpi, cfg.seq_len, cfg.caption_prompt, read)[0][0]
         val = lambda: validation_loss(model, val_samples[:256], micro_loss)  # noqa: E731
     frozen = [model.language_model] if stage == 1 else [model.vision_model] + (
         [model.abstractor] if cfg.freeze_abstractor else [])
@@ -511,6 +553,13 @@ def train_stage(cfg: TrainConfig, stage: int, rank: int, world: int, device: str
     if rank == 0:
         export(model, stage, out, tok_path)
     return out
+
+
+def training_transform(model: Owl):
+    """The images' preprocessing in training: mPLUG-Owl2's padded to a square with the mean colour, as its
+    fine-tuning pads them (data.PadToSquare, with the checkpoint's mean and std); mPLUG-Owl's as at inference."""
+    t = model.image_transform
+    return data.PadToSquare(t.image_size, t.mean, t.std) if model.cfg.version == 2 else t
 
 
 def micro_batch_size(cfg: TrainConfig, world: int) -> int:
