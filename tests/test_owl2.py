@@ -181,10 +181,11 @@ def test_text_after_eos_loses_the_underline_of_its_first_piece_unless_it_starts_
     got = pieces(sp, model.prompt_ids("USER: Hi ASSISTANT: Hi</s>What is it?"))
     assert got[-len(what) - 1:] == ["</s>"] + (what if legacy else ["Wh"] + what[1:])
     spaced = sp.encode(" What is it?", out_type=str)  # a leading space is kept, in both readings
-    assert pieces(sp, model.prompt_ids("USER: Hi ASSISTANT: Hi</s> What is it?"))[-len(spaced) - 1:] == ["</s>"] + spaced
+    got = pieces(sp, model.prompt_ids("USER: Hi ASSISTANT: Hi</s> What is it?"))
+    assert got[-len(spaced) - 1:] == ["</s>"] + spaced
 
 
-# --- 2. the modality indicator -----------------------------------------------------------------------------------------
+# --- 2. the modality indicator ---------------------------------------------------------------------------------------
 
 def two_image_prompt(model, sp, files):
     """A prompt with two images, and its indicator written by hand: 1 on the two runs of SLOTS slots."""
@@ -300,7 +301,8 @@ LAYOUTS = ["bin", "bin shards", "safetensors", "safetensors shards"]
 def test_the_saved_keys_are_the_official_owl2_names(model, files):
     state = load_file(files / "ckpt" / "model.safetensors")
     for key in ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
-                "model.layers.3.self_attn.k_proj.multiway.0.weight", "model.layers.3.self_attn.v_proj.multiway.1.weight",
+                "model.layers.3.self_attn.k_proj.multiway.0.weight",
+                "model.layers.3.self_attn.v_proj.multiway.1.weight",
                 "model.layers.1.input_layernorm.multiway.1.weight", "model.layers.2.mlp.down_proj.weight",
                 "model.norm.weight", "lm_head.weight", "model.vision_model.embeddings.cls_token",
                 "model.vision_model.encoder.layers.3.self_attn.query_key_value.weight",
