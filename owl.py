@@ -11,6 +11,7 @@ tokenisation and the image placeholders), reads and writes the official checkpoi
     python owl.py --checkpoint DIR --image x.jpg --prompt "What is in the picture?"   # one answer, streamed
     python owl.py --checkpoint DIR --image x.jpg                                      # a chat
     python owl.py --checkpoint DIR --questions questions.jsonl                        # a file, in batches
+    python owl.py --checkpoint DIR --owleval OwlEval/ > answers.jsonl                 # OwlEval's answer file
 """
 import argparse
 import json
@@ -685,6 +686,117 @@ def answer_questions(model: Owl, path: str, args) -> None:
         sys.stdout.flush()
 
 
+# --------------------------------------------------------------------------------------------------------------
+# OwlEval, the paper's evaluation set (the official repository's mPLUG-Owl/OwlEval/): questions.jsonl holds one
+# {"image": "4.jpg", "question_id": 4, "question": "...", "ability": "a,c", "category": ["single_turn", "multi_turn"]}
+# per line, its images are in cases/, and each model's answers are a file of {"image", "question_id", "question",
+# "answer", "model_id"} lines in the questions' order (answer/mPLUG_Owl_7b_answer.jsonl and the others).
+
+OWLEVAL_TURNS = ("single_turn", "multi_turn")
+
+
+@dataclass
+class EvalQuestion:
+    """One line of OwlEval's questions.jsonl: its number, its image as written and the file that names, its id and
+    question, and whether it starts a conversation (its category holds "single_turn") or continues the one before."""
+    line: int
+    image: str
+    path: Path
+    question_id: object
+    question: str
+    fresh: bool
+
+
+def read_owleval(folder: str, template: Template = OWL, max_pixels: int = MAX_PIXELS) -> List[EvalQuestion]:
+    """Every line of an OwlEval folder's questions.jsonl, checked, then every image it names read in full, before
+    anything is generated: a malformed line, or a missing or unreadable image, is an error that names its line.
+    Images are file names in the folder's cases/ (the folder itself when it has no cases/). category is a list
+    of "single_turn" / "multi_turn" (the official file's) or one of them as a string; a question that is only
+    "multi_turn" must follow a question on the same image, whose conversation it continues. Blank lines are skipped."""
+    root = Path(folder)
+    file = root / "questions.jsonl"
+    if not file.is_file():
+        raise UserError(f"OwlEval folder {folder} has no questions.jsonl")
+    cases = root / "cases" if (root / "cases").is_dir() else root
+    questions: List[EvalQuestion] = []
+    for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"line {n} of {file}"
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError:
+            raise UserError(f"{where} is not valid JSON") from None
+        if not isinstance(item, dict):
+            raise UserError(f"{where} is not a JSON object")
+        image, question_id, question, category = (item.get(k) for k in ("image", "question_id", "question", "category"))
+        if not isinstance(image, str) or not image.strip():
+            raise UserError(f'{where} has no "image" file name')
+        if isinstance(question_id, bool) or not isinstance(question_id, (int, str)):
+            raise UserError(f'{where} has no "question_id" (a number or a string)')
+        if not isinstance(question, str) or not question.strip():
+            raise UserError(f'{where} has no "question" string')
+        if template.image in question:
+            raise UserError(f"{where} has {template.image} in its question; its image is placed from \"image\"")
+        category = [category] if isinstance(category, str) else category
+        if not isinstance(category, list) or not any(c in OWLEVAL_TURNS for c in category if isinstance(c, str)):
+            raise UserError(f'{where} has a "category" that holds neither "single_turn" nor "multi_turn"')
+        fresh = "single_turn" in category
+        if not fresh and (not questions or questions[-1].image != image):
+            raise UserError(f'{where} is only "multi_turn" but does not follow a question on {image}, whose '
+                            "conversation it would continue")
+        questions.append(EvalQuestion(n, image, cases / image, question_id, question, fresh))
+    if not questions:
+        raise UserError(f"{file} holds no questions")
+    checked = set()
+    for q in questions:  # each image read in full and let go: a bad one stops the run before any answer is out
+        if q.path not in checked:
+            try:
+                read_image(str(q.path), max_pixels)
+            except UserError as e:
+                raise UserError(f"line {q.line} of {file}: {e}") from None
+            checked.add(q.path)
+    return questions
+
+
+def answer_owleval(model: Owl, folder: str, args) -> None:
+    """Write OwlEval's answer file to stdout, one JSON line per question in the file's order, each flushed as it is
+    answered. A "single_turn" question starts a conversation with its image; a "multi_turn" one continues it, its
+    history rendered by chat_prompt as the chat renders it (and, like the chat, forgetting the oldest turns, with a
+    notice, if it outgrows the context). Each answer is drawn from a fresh Sampling, as a one-question run draws it."""
+    template, context = model.cfg.template, model.cfg.text.max_position_embeddings
+    questions = read_owleval(folder, template, args.max_pixels)
+    room = min(args.max_new_tokens, context // 4)  # the chat's room for an answer
+    for q in questions:  # the question alone with its image must leave that room, as a chat turn must
+        ids = model.prompt_ids(template.prompt(q.question, 1))
+        if len(ids) + room >= context:
+            raise UserError(f"line {q.line} of {Path(folder) / 'questions.jsonl'} with its image is {len(ids)} "
+                            f"tokens long, which leaves less than {room} of the context of {context} for the answer")
+    model_id = args.model_id if args.model_id is not None else Path(args.checkpoint).resolve().name
+    history: List[Turn] = []
+    for q in questions:
+        if q.fresh:
+            history = []
+            turn = Turn(q.question, list(encode(model, load_image(str(q.path), model.image_transform,
+                                                                  args.max_pixels)[None])))
+        else:
+            turn = Turn(q.question, [])
+        dropped = turns_to_drop(model, history, turn, room)
+        if dropped:
+            forgotten = sum(len(t.images) for t in history[:dropped])
+            notice(f"question {q.question_id}: its conversation outgrew the context of {context} tokens; the oldest "
+                   f"{dropped} turn(s) and their {forgotten} image(s) are forgotten.")
+        history = history[dropped:] + [turn]
+        images = [image for t in history for image in t.images]
+        ids = model.prompt_ids(chat_prompt(history, template))
+        answer = model.generate(ids, None, sampling_of(args), visual=torch.stack(images) if images else None)
+        turn.answer = model.tokenizer.decode(list(answer))
+        record = {"image": q.image, "question_id": q.question_id, "question": q.question, "answer": turn.answer,
+                  "model_id": model_id}  # the keys of the official answer files, in their order
+        sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
+        sys.stdout.flush()
+
+
 def load_images(paths: list, model: Owl, args) -> Optional[torch.Tensor]:
     """(N, 3, S, S) pixels of the images, or None for none."""
     if not paths:
@@ -718,8 +830,8 @@ def save_attention(model: Owl, pixels: torch.Tensor, path: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Ask Owl (mPLUG-Owl or mPLUG-Owl2, told apart by the checkpoint's "
-                                "config.json) about images: one question (--prompt), a chat (no --prompt), or a file "
-                                "of questions in batches (--questions).",
+                                "config.json) about images: one question (--prompt), a chat (no --prompt), a file "
+                                "of questions in batches (--questions), or OwlEval's answer file (--owleval).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", default="runs/owl-tiny/stage2",
                    help="an mPLUG-Owl or mPLUG-Owl2 checkpoint folder (official format: config.json, weights, "
@@ -742,6 +854,23 @@ def build_parser() -> argparse.ArgumentParser:
                         "2). Greedy answers (--temperature 0) equal one-at-a-time answers; sampled ones, even with "
                         "--seed, may differ from them (the batch draws from one random stream)")
     p.add_argument("--batch-size", type=int, default=8, help="questions generated together with --questions")
+    p.add_argument("--owleval", metavar="DIR", default=None,
+                   help="answer OwlEval, the mPLUG-Owl paper's evaluation set, as the official repository's "
+                        'OwlEval/ holds it: DIR/questions.jsonl, one {"image", "question_id", "question", "ability", '
+                        '"category"} per line, and the images in DIR/cases/ (in DIR itself when it has no cases/), '
+                        'named as "image" names them ("4.jpg"). Prints the official answer file: one JSON line '
+                        '{"image", "question_id", "question", "answer", "model_id"} per question, in order, each as '
+                        'it is answered. "category" is a list (as in the official file) or a string: a question whose '
+                        'category holds "single_turn" starts a fresh conversation with its image; one that is only '
+                        '"multi_turn" continues the conversation of the question before it, which must be on the same '
+                        "image (its earlier questions and Owl's answers in the template, as the chat keeps them). "
+                        "Every line and every image is checked before anything is generated: a malformed line or a "
+                        "missing or unreadable image stops the run with an error naming it (exit 2). Greedy "
+                        "(--temperature 0) unless a sampling flag (--temperature, --top-k, --top-p, --seed) is given; "
+                        "then the unset ones take the model's defaults and each answer is drawn as a one-question run "
+                        "draws it. Not with --image, --prompt, --questions, --json or --show-attention")
+    p.add_argument("--model-id", default=None,
+                   help='the "model_id" of every --owleval answer line; unset, the checkpoint folder\'s name')
     p.add_argument("--show-attention", metavar="OUT.png", default=None,
                    help="also draw where the abstractor's queries look in the first image (its last layer, averaged "
                         "over heads: all queries and a few single ones) as a PNG sheet of heat maps")
@@ -755,7 +884,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=None,
                    help="sampling temperature; 0 = greedy decoding. Unset, the loaded model's official defaults "
                         "apply: temperature 1.0 and top-k 3 for mPLUG-Owl (its demo), temperature 0.2 and top-k 50 "
-                        "for mPLUG-Owl2 (its serve/cli.py with HF generate's top-k)")
+                        "for mPLUG-Owl2 (its serve/cli.py with HF generate's top-k); with --owleval, 0 unless --top-k, "
+                        "--top-p or --seed is given")
     p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (0 = all; default: "
                    "the model's, see --temperature)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: the smallest set with this mass (1.0)")
@@ -772,6 +902,12 @@ def check_args(args) -> None:
     top_p = 1.0 if args.top_p is None else args.top_p
     if (args.temperature or 0) < 0 or not 0 < top_p <= 1 or (args.top_k or 0) < 0:
         raise UserError("--temperature must be >= 0, --top-k >= 0 and --top-p in (0, 1]")
+    if args.owleval is not None and (args.image or args.prompt is not None or args.questions is not None
+                                     or args.json or args.show_attention):
+        raise UserError("--owleval takes its images and questions from its folder: drop --image, --prompt, "
+                        "--questions, --json and --show-attention")
+    if args.model_id is not None and args.owleval is None:
+        raise UserError("--model-id names the model in --owleval's answer file and needs --owleval")
     if args.questions is not None and (args.image or args.prompt is not None or args.show_attention or args.json):
         raise UserError("--questions takes its images and prompts from its file: drop --image, --prompt, "
                         "--show-attention and --json")
@@ -796,8 +932,14 @@ def check_prompt(args, template: Template) -> None:
         raise UserError(f"the question contains {tag}; pass --raw-prompt to place images yourself")
 
 
+SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "seed")
+
+
 def fill_defaults(args, template: Template) -> None:
-    """The sampling flags left unset take the loaded model's official defaults."""
+    """The sampling flags left unset take the loaded model's official defaults; with --owleval and none of them
+    given, the answers are greedy (temperature 0) instead."""
+    if getattr(args, "owleval", None) is not None and all(getattr(args, f) is None for f in SAMPLING_FLAGS):
+        args.temperature = 0.0
     for name, value in template.defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -834,6 +976,9 @@ def main(argv=None) -> int:
             check_prompt(args, model.cfg.template)
         if args.questions is not None:
             answer_questions(model, args.questions, args)
+            return 0
+        if args.owleval is not None:
+            answer_owleval(model, args.owleval, args)
             return 0
         loaded = time.perf_counter()
         pixels = load_images(args.image, model, args)
