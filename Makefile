@@ -9,6 +9,9 @@ install:
 
 install-test: install
 	$(PYTHON) -m pip install -q -r requirements-test.txt
+	@# tests/test_page.py drives chat.html in headless Chromium (Debian's packages; apt-get needs root)
+	@command -v chromedriver >/dev/null 2>&1 || { echo "installing chromium and chromium-driver for tests/test_page.py"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
 
 test: install-test
 	$(PYTHON) -m pytest -q tests
