@@ -726,3 +726,36 @@ def test_the_lr_warms_up_linearly_then_falls_by_a_cosine_to_a_tenth():
     assert lrs[6] == pytest.approx(0.55e-3, rel=1e-12)  # half way through the cosine: half way from lr to lr / 10
     assert lrs[9] == pytest.approx(1e-3 * (0.1 + 0.45 * (1 + math.cos(7 / 8 * math.pi))), rel=1e-12)
     assert lrs[10] == pytest.approx(1e-4, rel=1e-12) and all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
+
+
+def test_plot_losses_draws_stages_gaps_validation_and_ticks(tmp_path):
+    """loss.png read back as pixels: both stages' curves in their colours, a gap at the skipped step, the validation
+    diamonds where train.loss_axes puts those points, and tick numbers left of and below the frame."""
+    from PIL import Image
+
+    rows = [{"stage": "stage 1", "step": s, "loss": v} for s, v in [(1, 4.0), (2, 3.5), (3, None), (4, 2.5), (5, 2.2)]]
+    rows += [{"stage": "stage 1", "step": 5, "val_loss": 3.0}]
+    rows += [{"stage": "stage 2", "step": s, "loss": v} for s, v in [(1, 2.0), (2, 1.8), (3, 1.7), (4, 1.5)]]
+    rows += [{"stage": "stage 2", "step": 4, "val_loss": 1.2}]
+    metrics, png = tmp_path / "metrics.jsonl", tmp_path / "loss.png"
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train.plot_losses(metrics, png)
+    img = Image.open(png).convert("RGB")
+    assert img.size == train.PLOT_SIZE
+    to_px, xt, yt = train.loss_axes(train.loss_series(metrics))
+    assert xt[0] <= 0 and xt[-1] >= 5 and yt[0] <= 1.2 and yt[-1] >= 4.0
+
+    def colours_near(step, loss, r=3):
+        x, y = (round(c) for c in to_px(step, loss))
+        return {img.getpixel((x + dx, y + dy)) for dx in range(-r, r + 1) for dy in range(-r, r + 1)}
+
+    blue, green = train.STAGE_COLOURS[:2]
+    assert blue in colours_near(1.5, 3.75) and green in colours_near(2.5, 1.75)  # mid-segment of each curve
+    assert blue not in colours_near(3, 3.0, r=1)  # steps 2 to 4 of stage 1 are not joined: step 3 was skipped
+    assert train.VAL_COLOUR in colours_near(5, 3.0) and train.VAL_COLOUR in colours_near(4, 1.2)
+    assert train.VAL_COLOUR not in colours_near(2, 3.0)  # nowhere near a validation point
+    left, top, right, bottom = train.PLOT_BOX
+    white = (255, 255, 255)
+    y_labels = [img.getpixel((x, y)) for x in range(left - 30, left - 5) for y in range(top - 8, bottom + 8)]
+    x_labels = [img.getpixel((x, y)) for x in range(left - 10, right + 10) for y in range(bottom + 6, bottom + 20)]
+    assert sum(c != white for c in y_labels) > 20 and sum(c != white for c in x_labels) > 20
