@@ -42,8 +42,8 @@ def tiny_owl(tokenizer_model, seed: int = 0):
     import sentencepiece as spm
 
     from abstractor import AbstractorConfig
-    from llama import LlamaConfig, Tokenizer
-    from owl import Owl, OwlConfig
+    from llama import LlamaConfig
+    from owl import OwlConfig
     from vit import ViTConfig
 
     sp = spm.SentencePieceProcessor(model_file=str(tokenizer_model))
@@ -53,6 +53,18 @@ def tiny_owl(tokenizer_model, seed: int = 0):
                          llm_hidden_size=96),
         LlamaConfig(vocab_size=sp.get_piece_size(), hidden_size=96, intermediate_size=160, num_layers=2, num_heads=4,
                     max_position_embeddings=512))
+    return jittered_owl(cfg, tokenizer_model, seed)
+
+
+def jittered_owl(cfg, tokenizer_model, seed: int = 0):
+    """Owl(cfg) with random weights, every parameter jittered, lm_head scaled up and its unk/bos/eos rows zeroed (see
+    tiny_owl), and the test tokenizer attached; in eval mode."""
+    import sentencepiece as spm
+
+    from llama import Tokenizer
+    from owl import Owl
+
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer_model))
     torch.manual_seed(seed)
     model = Owl(cfg)
     model.init_weights()

@@ -21,8 +21,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import owl
-from conftest import assert_close, tiny_owl
-from llama import Tokenizer
+from conftest import assert_close, jittered_owl, tiny_owl
 from owl import IMAGE_ID, OWL2, Owl, OwlConfig, Sampling, SquareFirst, Turn, chat_prompt, load_image
 from vit import ImageTransform
 
@@ -42,17 +41,9 @@ def tiny_owl2(tokenizer_model, seed: int = 0, legacy: bool = False) -> Owl:
     sp = spm.SentencePieceProcessor(model_file=str(tokenizer_model))
     cfg = OwlConfig.preset("owl2-tiny")
     cfg = replace(cfg, text=replace(cfg.text, vocab_size=sp.get_piece_size()))
-    torch.manual_seed(seed)
-    model = Owl(cfg)
-    model.init_weights()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-        model.language_model.lm_head.weight.mul_(30.0)
-        model.language_model.lm_head.weight[[sp.unk_id(), sp.bos_id(), sp.eos_id()]] = 0.0
-    model.tokenizer = Tokenizer(tokenizer_model)
+    model = jittered_owl(cfg, tokenizer_model, seed)
     model.tokenizer.legacy = legacy
-    return model.eval()
+    return model
 
 
 def owl2_pixels(path, side: int = SIDE) -> torch.Tensor:
