@@ -180,9 +180,9 @@ class OwlConfig:
         t = d.get("text_config")
         if not isinstance(t, dict):
             raise ValueError("config.json has no text_config (the official code cannot build its LLaMA without it)")
-        for field, ok in (("hidden_act", "silu"), ("tie_word_embeddings", False)):
-            if t.get(field, ok) != ok:
-                raise ValueError(f"text_config.{field} is {t[field]!r}; mPLUG-Owl's LLaMA has {ok!r}")
+        for key, ok in (("hidden_act", "silu"), ("tie_word_embeddings", False)):
+            if t.get(key, ok) != ok:
+                raise ValueError(f"text_config.{key} is {t[key]!r}; mPLUG-Owl's LLaMA has {ok!r}")
         if t.get("num_key_value_heads") not in (None, t.get("num_attention_heads", 32)):
             raise ValueError("text_config.num_key_value_heads differs from num_attention_heads; mPLUG-Owl's LLaMA "
                              "has no grouped-query attention")
@@ -602,20 +602,29 @@ def chat_turn(model: Owl, history: List[Turn], turn: Turn, args) -> Optional[Lis
     outgrow the context, the oldest turns and their images are forgotten, with a notice; when the turn alone does
     not fit, it is not asked (None)."""
     context = model.cfg.text.max_position_embeddings
-    dropped = turns_to_drop(model, history, turn, room=min(args.max_new_tokens, context // 4))
-    if dropped is None:
+    kept = add_turn(model, history, turn, min(args.max_new_tokens, context // 4), "the conversation")
+    if kept is None:
         notice(f"this question and its images do not fit in the context of {context} tokens; ask a shorter one.")
         return None
-    if dropped:
-        notice(f"the conversation outgrew the context of {context} tokens: the oldest {dropped} turn(s) and their "
-               f"{sum(len(t.images) for t in history[:dropped])} image(s) are forgotten.")
-    history = history[dropped:] + [turn]
-    images = [image for t in history for image in t.images]  # in the order of their <image> lines
-    visual = torch.stack(images) if images else None
-    ids = model.prompt_ids(chat_prompt(history, model.cfg.template))
+    history, ids, visual = kept
     # a fresh stream each turn: with --seed, every answer is drawn as a one-question run draws it
     turn.answer = model.tokenizer.decode(stream_answer(model, ids, None, sampling_of(args), visual=visual))
     return history
+
+
+def add_turn(model: Owl, history: List[Turn], turn: Turn, room: int, what: str) -> Optional[tuple]:
+    """(the history with turn, its prompt ids, its visual tokens or None), the oldest turns and their images
+    forgotten, with a notice naming `what`, when the history and `room` for the answer outgrow the context; None
+    when the turn alone does not fit."""
+    dropped = turns_to_drop(model, history, turn, room)
+    if dropped is None:
+        return None
+    if dropped:
+        notice(f"{what} outgrew the context of {model.cfg.text.max_position_embeddings} tokens: the oldest {dropped} "
+               f"turn(s) and their {sum(len(t.images) for t in history[:dropped])} image(s) are forgotten.")
+    history = history[dropped:] + [turn]
+    images = [image for t in history for image in t.images]  # in the order of their image tags
+    return history, model.prompt_ids(chat_prompt(history, model.cfg.template)), torch.stack(images) if images else None
 
 
 @torch.inference_mode()
@@ -781,15 +790,9 @@ def answer_owleval(model: Owl, folder: str, args) -> None:
                                                                   args.max_pixels)[None])))
         else:
             turn = Turn(q.question, [])
-        dropped = turns_to_drop(model, history, turn, room)
-        if dropped:
-            forgotten = sum(len(t.images) for t in history[:dropped])
-            notice(f"question {q.question_id}: its conversation outgrew the context of {context} tokens; the oldest "
-                   f"{dropped} turn(s) and their {forgotten} image(s) are forgotten.")
-        history = history[dropped:] + [turn]
-        images = [image for t in history for image in t.images]
-        ids = model.prompt_ids(chat_prompt(history, template))
-        answer = model.generate(ids, None, sampling_of(args), visual=torch.stack(images) if images else None)
+        # the question alone fits (checked above), so add_turn keeps it
+        history, ids, visual = add_turn(model, history, turn, room, f"question {q.question_id}'s conversation")
+        answer = model.generate(ids, None, sampling_of(args), visual=visual)
         turn.answer = model.tokenizer.decode(list(answer))
         record = {"image": q.image, "question_id": q.question_id, "question": q.question, "answer": turn.answer,
                   "model_id": model_id}  # the keys of the official answer files, in their order
