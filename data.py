@@ -157,7 +157,7 @@ class Sample:
 
 def conversation_segments(conv, template: Template = OWL):
     """(text, is_answer) segments of a conversation in the model's template, as inference renders its history
-    (owl.chat_prompt). mPLUG-Owl: the system text, "\\nHuman: <image>" per image, "\\nHuman: Q\\nAI: ", then the
+    (chat.chat_prompt). mPLUG-Owl: the system text, "\\nHuman: <image>" per image, "\\nHuman: Q\\nAI: ", then the
     answer. mPLUG-Owl2: "USER: <|image|>Q ASSISTANT:", then " answer</s>"; the space and the </s> are build_sample's
     (each answer is followed by the EOS id, and tokenised as it reads after a space)."""
     segments, prefix = [], template.start

@@ -2,8 +2,8 @@
 
     python serve.py --checkpoint DIR        # POST http://127.0.0.1:8000/v1/chat/completions, the chat page at /
 
-A request goes: Handler.dispatch (route, key, body) -> Handler.chat -> parse_chat (messages -> owl.Turns ->
-owl.chat_prompt -> ids, every image decoded) -> Worker.submit (a bounded FIFO) -> Worker.answer (tokens -> settled
+A request goes: Handler.dispatch (route, key, body) -> Handler.chat -> parse_chat (messages -> chat.Turns ->
+chat.chat_prompt -> ids, every image decoded) -> Worker.submit (a bounded FIFO) -> Worker.answer (tokens -> settled
 text) -> Handler.complete or Handler.stream. Each connection has a thread; one worker thread owns the model and
 answers one request at a time, so /health and /v1/models answer during a generation. Bad input gets a 4xx error
 object; a failure a 500, its traceback going to stderr only.
@@ -32,6 +32,7 @@ from urllib.parse import unquote, urlsplit
 
 import torch
 
+import chat
 import owl
 
 PAGE = Path(__file__).resolve().with_name("chat.html")  # the chat page, read at each GET /
@@ -98,7 +99,7 @@ def parse_chat(body: bytes, server: "Server") -> Job:
     options = read_options(request, model.cfg.template.defaults, server.args.max_new_tokens)
     template, turns = read_messages(request.get("messages"), model)
     # the prompt as the CLI writes it; its length is known from the number of images, before any is decoded
-    ids = model.prompt_ids(owl.chat_prompt(turns, template))
+    ids = model.prompt_ids(chat.chat_prompt(turns, template))
     try:
         model.check_context(ids)
     except ValueError as e:
@@ -143,7 +144,7 @@ def read_options(request: dict, defaults: dict, max_new_tokens: int) -> tuple:
 
 
 def read_messages(messages, model: owl.Owl) -> tuple:
-    """The template, its start replaced by the system message if there is one, and the conversation as owl.Turns,
+    """The template, its start replaced by the system message if there is one, and the conversation as chat.Turns,
     each holding its images as (url, param). Consecutive user (or assistant) messages join into one turn."""
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "messages must be a non-empty list of {role, content} objects", "messages")
@@ -160,7 +161,7 @@ def read_messages(messages, model: owl.Owl) -> tuple:
         if role == "assistant" and last is None:
             raise ApiError(400, f"{where} is an assistant message before any user message", f"{where}.role")
         if role == "user" and last != "user":
-            turns.append(owl.Turn(text, images))
+            turns.append(chat.Turn(text, images))
         elif role == "user":
             turns[-1].question, turns[-1].images = f"{turns[-1].question}\n{text}", turns[-1].images + images
         else:

@@ -202,6 +202,7 @@ def runs(files) -> dict:
                            "--raw-prompt", "--prompt", RAW_TWO_IMAGES, *GREEDY],
         "json": ["--checkpoint", d / "ckpt", "--image", d / "img0.png", "--prompt", QUESTION, "--json", *GREEDY],
         "questions": ["--checkpoint", d / "ckpt", "--questions", d / "questions.jsonl", "--batch-size", "3", *GREEDY],
+        "questions, a bad line": ["--checkpoint", d / "ckpt", "--questions", d / "missing-image.jsonl", *GREEDY],
         "show attention": ["--checkpoint", d / "ckpt", "--image", d / "img0.png", "--image", d / "img1.png",
                            "--raw-prompt", "--prompt", RAW_TWO_IMAGES, "--show-attention", d / "attention.png", *GREEDY],
     }
@@ -283,6 +284,14 @@ def test_cli_bad_input_exits_2_with_one_sentence_and_no_traceback(files, runs, c
         lines = lines[-1:]
     assert len(lines) == 1, r.stderr
     assert all(thing in lines[0] for thing in must_mention), lines[0]
+
+
+def test_cli_a_bad_line_of_a_chat_py_mode_exits_2_in_one_sentence_as_a_user_runs_it(files, runs):
+    """chat.py raises owl.UserError: `python owl.py` must catch that class, not a copy of it in __main__."""
+    r = runs["questions, a bad line"]
+    assert r.returncode == 2 and r.stdout == "", (r.returncode, r.stderr[-2000:])
+    path = files / "missing-image.jsonl"
+    assert r.stderr.splitlines() == [f"owl: line 2 of {path}: image file {files / 'nope.png'} does not exist"]
 
 
 def test_cli_a_bin_that_holds_code_is_refused_without_running_it(files, runs):

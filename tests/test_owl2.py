@@ -21,8 +21,9 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import owl
+from chat import Turn, chat_prompt
 from conftest import assert_close, jittered_owl, tiny_owl
-from owl import IMAGE_ID, OWL2, Owl, OwlConfig, Sampling, SquareFirst, Turn, chat_prompt, load_image
+from owl import IMAGE_ID, OWL2, Owl, OwlConfig, Sampling, SquareFirst, load_image
 from vit import ImageTransform
 
 ROOT = Path(__file__).resolve().parent.parent
