@@ -34,44 +34,57 @@ SHADES = {"red": (COLORS["red"], (255, 0, 0), (220, 20, 60), (178, 34, 34)),
           "yellow": (COLORS["yellow"], (255, 255, 0), (255, 215, 0), (250, 220, 50))}
 SMOOTH = 0.3  # share of scenes drawn with anti-aliased edges, as many drawing libraries do
 SHAPES = ("circle", "square", "triangle")
-POSITIONS = {"left": (0.2, 0.5), "right": (0.8, 0.5), "top": (0.5, 0.2), "bottom": (0.5, 0.8)}  # centre / (w, h)
+# Where a shape is: the third of the width and the third of the height its centre falls in, named as a reader would
+# ("top left", "top", ..., "center", ..., "bottom right"), in reading order. Five words make all nine.
+POSITIONS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
+POSITION_WORDS = ("top", "bottom", "left", "right", "center")
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 
 # ---------------------------------------------------------------------------------------------------------------
 # Scenes: facts first (a dict that is saved to scenes.jsonl), pixels drawn from the facts.
 
 
+def place(fx: float, fy: float) -> str:
+    """The position word(s) of a point given as fractions of the width and height (0 = left / top edge)."""
+    return POSITIONS[3 * min(2, max(0, int(fy * 3))) + min(2, max(0, int(fx * 3)))]
+
+
 def random_scene(rng, n_shapes=None):
-    """Canvas of any size/aspect (images from other code can have any), light background, 1-4 shapes at
-    distinct positions, (colour, shape) pairs unique so "Where is the red circle?" has one answer."""
+    """Canvas of any size/aspect (images from other code can have any), light background, 1-4 shapes anywhere:
+    each in its own of the nine places (so a place names one shape), off-grid within it, of varied size; (colour,
+    shape) pairs unique so "Where is the red circle?" has one answer."""
     # any size, but not so elongated that the shapes shrink to a few pixels once squashed to the ViT's square
     w = rng.randint(64, 256)
     h = min(256, max(48, round(w * math.exp(rng.uniform(math.log(0.6), math.log(1 / 0.6))))))
     n = n_shapes or rng.randint(1, 4)
-    positions = rng.sample(list(POSITIONS), n)
+    cells = rng.sample(range(len(POSITIONS)), n)
     pairs = rng.sample([(c, s) for c in COLORS for s in SHAPES], n)
     base = rng.randint(228, 245)
     background = rng.choice([(255, 255, 255), (rng.randint(215, 245),) * 3,  # white, light grey,
                              (rng.randint(240, 252), rng.randint(230, 245), rng.randint(200, 225)),  # beige, cream,
                              tuple(min(255, base + rng.randint(-12, 10)) for _ in range(3))])  # pale tint
-    # Shapes must not overlap (a shape's centre pixel has its own colour). Big sizes and jitter sometimes collide,
-    # so retry with both shrinking; the last try (15% of the shorter side, no jitter) is always disjoint.
+    # A lone shape may be big; several stay smaller so that they fit side by side.
+    small, big = (0.15, 0.45) if n == 1 else (0.14, 0.30)
+    # Shapes must not overlap (a shape's centre pixel has its own colour). Big sizes and off-centre spots sometimes
+    # collide, so retry with both shrinking; the last try (the smallest size at the centres of the places) is disjoint.
     for attempt in range(20):
         shrink = 1 - attempt / 19
         shapes = []
-        for (color, shape), position in zip(pairs, positions):
-            size = max(8, round(min(w, h) * rng.uniform(0.15, 0.15 + 0.17 * shrink)))
+        for (color, shape), cell in zip(pairs, cells):
+            size = max(8, round(min(w, h) * rng.uniform(small, small + (big - small) * shrink)))
             half = math.ceil(size / 2)
-            fx, fy = POSITIONS[position]
-            cx = round(w * (fx + shrink * rng.uniform(-0.07, 0.07)))
-            cy = round(h * (fy + shrink * rng.uniform(-0.07, 0.07)))
+            # anywhere in the middle 80% of its place, so that the word for where it is stays clear
+            fx = (cell % 3 + 0.5 + shrink * rng.uniform(-0.4, 0.4)) / 3
+            fy = (cell // 3 + 0.5 + shrink * rng.uniform(-0.4, 0.4)) / 3
+            cx = min(max(round(w * fx), half + 1), w - half - 2)
+            cy = min(max(round(h * fy), half + 1), h - half - 2)
             shapes.append({
-                "color": color, "shape": shape, "position": position,
-                "center": [min(max(cx, half + 1), w - half - 2), min(max(cy, half + 1), h - half - 2)],
-                "size": size,
+                "color": color, "shape": shape, "position": place((cx + 0.5) / w, (cy + 0.5) / h),
+                "center": [cx, cy], "size": size,
                 "fill": [min(255, max(0, v + rng.randint(-15, 15))) for v in rng.choice(SHADES[color])],
                 "angle": round(rng.uniform(-15, 15), 1) if shape == "triangle" else 0.0})
-        if all(_apart(a, b) for i, a in enumerate(shapes) for b in shapes[i + 1:]):
+        if (all(_apart(a, b) for i, a in enumerate(shapes) for b in shapes[i + 1:])
+                and len({s["position"] for s in shapes}) == n):
             break
     return {"width": w, "height": h, "background": list(background), "shapes": shapes, "smooth": rng.random() < SMOOTH}
 
@@ -133,13 +146,15 @@ def _counted(n):
     return {"n": n, "are": "is" if n == 1 else "are", "shapes": "shape" if n == 1 else "shapes"}
 
 
-READING_ORDER = ("top", "left", "right", "bottom")
+def in_reading_order(shapes):
+    """Shapes by place, row by row from the top left: what an image shows then fixes its caption's content, and the
+    model is not asked to guess an arbitrary order."""
+    return sorted(shapes, key=lambda s: POSITIONS.index(s["position"]))
 
 
 def caption(scene, rng):
-    """Shapes listed in reading order (top, left, right, bottom): what an image shows then fixes its caption's
-    content, and the model is not asked to guess an arbitrary order."""
-    shapes = sorted(scene["shapes"], key=lambda s: READING_ORDER.index(s["position"]))
+    """The shapes in reading order, each with its colour, kind and place."""
+    shapes = in_reading_order(scene["shapes"])
     items = [f"a {s['color']} {s['shape']} at the {s['position']}" for s in shapes]
     items = items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
     return rng.choice(CAPTIONS).format(items=items, **_counted(len(scene["shapes"])))
@@ -214,8 +229,7 @@ SHAPE_ID = -2  # placeholder id of one shape vector: never a real token
 
 def shape_marks(scene):
     """A scene as shape marks, in reading order (as its caption lists them)."""
-    shapes = sorted(scene["shapes"], key=lambda s: READING_ORDER.index(s["position"]))
-    return "".join(f"<shape {s['color']} {s['shape']} {s['position']}>" for s in shapes)
+    return "".join(f"<shape {s['color']} {s['shape']} {s['position']}>" for s in in_reading_order(scene["shapes"]))
 
 
 def tokenize_with_shapes(tokenizer, text, tokens_per_image):
@@ -397,13 +411,14 @@ def score_answer(kind, answer, target):
     if kind == "count":
         return said(_NUMBERS) == {str(target["count"])}
     if kind == "position":
-        return said(POSITIONS) == {target["position"]}
+        return said(POSITION_WORDS) == set(target["position"].split())
     if kind == "describe":
         shapes = target["shapes"]
         pairs = set(zip(words, words[1:]))
         return (all((s["color"], s["shape"]) in pairs for s in shapes)
                 and said(COLORS) == {s["color"] for s in shapes} and said(SHAPES) == {s["shape"] for s in shapes}
-                and said(_NUMBERS) == {str(target["count"])} and said(POSITIONS) <= {s["position"] for s in shapes})
+                and said(_NUMBERS) == {str(target["count"])}
+                and said(POSITION_WORDS) <= {w for s in shapes for w in s["position"].split()})
     raise ValueError(f"unknown question kind {kind!r}")
 
 

@@ -187,13 +187,21 @@ def labelled_image(scene: dict, transform, patch: int, rng) -> tuple:
         img, owners = data.augment(img, rng, owners, flip=False)
     S = transform.image_size
     grid = S // patch
-    own = torch.from_numpy(np.asarray(owners.resize((S, S), Image.NEAREST), dtype=np.int64).copy())
-    own = own.reshape(grid, patch, grid, patch).permute(0, 2, 1, 3).reshape(grid * grid, patch * patch)  # row-major
+    # numpy, not torch: such small arrays cost more in torch's thread start-up than in the work itself
+    full = np.asarray(owners.resize((S, S), Image.NEAREST), dtype=np.int64)  # (S, S)
+    own = full.reshape(grid, patch, grid, patch).transpose(0, 2, 1, 3).reshape(grid * grid, patch * patch)  # row-major
     n = len(scene["shapes"])
-    cover = torch.stack([(own == i + 1).sum(1) for i in range(n)], 1)  # (N, shapes): pixels of each shape
-    owner = torch.where(cover.max(1).values >= MIN_COVER * patch * patch, cover.argmax(1), -1)
-    objects = [(owner == i, facts(scene["shapes"][i])) for i in range(n) if (owner == i).any()]
-    in_view = len(set(own.unique().tolist()) - {0})
+    cover = np.stack([(own == i + 1).sum(1) for i in range(n)], 1)  # (N, shapes): pixels of each shape
+    owner = np.where(cover.max(1) >= MIN_COVER * patch * patch, cover.argmax(1), -1)
+    # A crop moves shapes: each one's place is where the middle of its pixels is in the cropped picture (a
+    # shape's centre is its area's centroid, triangles too, as draw_scene draws them around it).
+    objects = []
+    for i in range(n):
+        if (owner == i).any():
+            rows, cols = np.nonzero(full == i + 1)
+            place = synthetic.place((cols.mean() + 0.5) / S, (rows.mean() + 0.5) / S)
+            objects.append((torch.from_numpy(owner == i), facts({**scene["shapes"][i], "position": place})))
+    in_view = len(set(np.unique(full).tolist()) - {0})
     return transform(img), objects, in_view
 
 

@@ -110,10 +110,13 @@ def test_scenes_are_drawn_as_recorded(runs):
             pixel = img.getpixel((cx, cy))
             assert _nearest_color(pixel) == s["color"]
             assert any(all(abs(p - q) <= 15 for p, q in zip(pixel, shade)) for shade in synthetic.SHADES[s["color"]])
-            fx, fy = cx / w, cy / h
-            assert {"left": fx < 0.3 and 0.4 < fy < 0.6, "right": fx > 0.7 and 0.4 < fy < 0.6,
-                    "top": fy < 0.3 and 0.4 < fx < 0.6, "bottom": fy > 0.7 and 0.4 < fx < 0.6}[s["position"]]
-            assert 8 <= s["size"] <= max(8, 0.32 * min(w, h) + 1) and abs(s["angle"]) <= 15
+            # the place is the third of the width and of the height the centre is in, named in plain words
+            fx, fy = (cx + 0.5) / w, (cy + 0.5) / h
+            column = "left" if fx < 1 / 3 else "right" if fx > 2 / 3 else ""
+            row = "top" if fy < 1 / 3 else "bottom" if fy > 2 / 3 else ""
+            assert s["position"] == (f"{row} {column}".strip() or "center")
+            biggest = 0.45 if len(shapes) == 1 else 0.30
+            assert 8 <= s["size"] <= max(8, biggest * min(w, h) + 1) and abs(s["angle"]) <= 15
 
 
 def test_shapes_never_overlap_and_sizes_vary():
@@ -124,7 +127,24 @@ def test_shapes_never_overlap_and_sizes_vary():
         assert all(synthetic._apart(a, b) for i, a in enumerate(shapes) for b in shapes[i + 1:])
     assert len({(sc["width"], sc["height"]) for sc in scenes}) > 1000
     relative = [s["size"] / min(sc["width"], sc["height"]) for sc in scenes for s in sc["shapes"]]
-    assert min(relative) < 0.15 and max(relative) > 0.27
+    assert min(relative) < 0.15 and max(relative) > 0.4
+
+
+def test_shapes_sit_anywhere_not_in_slots():
+    """Every one of the nine places is used, by 1-shape and 4-shape scenes alike, and centres spread within a place
+    instead of sitting on a few spots (counting must not be learnt as "which slots are filled")."""
+    rng = random.Random("anywhere")
+    scenes = [synthetic.random_scene(rng) for _ in range(2000)]
+    for n in (1, 4):
+        used = {s["position"] for sc in scenes if len(sc["shapes"]) == n for s in sc["shapes"]}
+        assert used == set(synthetic.POSITIONS), n
+    corners = [sc for sc in scenes if {s["position"] for s in sc["shapes"]} ==
+               {"top left", "top right", "bottom left", "bottom right"}]
+    assert corners  # all four corners filled, as another drawing program might place them
+    fx = [s["center"][0] / sc["width"] for sc in scenes for s in sc["shapes"] if s["position"] == "top left"]
+    assert len({round(f, 2) for f in fx}) > 15 and max(fx) - min(fx) > 0.15
+    assert [synthetic.place(x, y) for x, y in ((0.1, 0.1), (0.5, 0.5), (0.9, 0.5), (0.5, 0.95), (0.34, 0.66))] == \
+        ["top left", "center", "right", "bottom", "center"]
 
 
 def test_heldout_is_its_own_seed_and_shares_no_image(runs):
@@ -202,7 +222,7 @@ def test_generated_files_load_completely(runs):
 
 def _marked_shapes(text):
     """The (colour, kind, place) of each shape mark of a chat's first line, and that line's text without them."""
-    shapes = [tuple(m.split()) for m in synthetic.SHAPE_MARK.findall(text)]
+    shapes = [tuple(m.split(" ", 2)) for m in synthetic.SHAPE_MARK.findall(text)]
     return shapes, synthetic.SHAPE_MARK.sub("", text)
 
 
@@ -216,13 +236,13 @@ def test_reading_chats_answer_from_the_scene_in_their_first_line(runs):
         described, *turns = body.split("\nHuman: ")
         shapes, rest = _marked_shapes(described)
         assert rest == "Human: " and 1 <= len(shapes) <= 4 and len({p for _, _, p in shapes}) == len(shapes)
-        assert [p for _, _, p in shapes] == sorted((p for _, _, p in shapes), key=synthetic.READING_ORDER.index)
-        facts = {w for shape in shapes for w in shape} | {str(len(shapes))}
+        assert [p for _, _, p in shapes] == sorted((p for _, _, p in shapes), key=synthetic.POSITIONS.index)
+        facts = {w for shape in shapes for w in " ".join(shape).split()} | {str(len(shapes))}
         for turn in turns:
             question, answer = turn.split("\nAI: ")
             # every colour, shape, number and position the answer names is in the description
             named = {w for w in synthetic._words(answer)
-                     if w in synthetic.COLORS or w in synthetic.SHAPES or w in synthetic.POSITIONS or w.isdigit()}
+                     if w in synthetic.COLORS or w in synthetic.SHAPES or w in synthetic.POSITION_WORDS or w.isdigit()}
             assert named and named <= facts, (described, question, answer)
 
 
@@ -309,6 +329,11 @@ def test_score_answer_accepts_right_and_rejects_wrong_or_contradicting():
     assert synthetic.score_answer("position", "The red circle is at the left.", target)
     assert not synthetic.score_answer("position", "The red circle is at the left and right.", target)
     assert not synthetic.score_answer("position", "It is at the top.", target)
+    corner = {"color": "red", "shape": "circle", "position": "top left"}
+    assert synthetic.score_answer("position", "The red circle is at the top left.", corner)
+    assert not synthetic.score_answer("position", "The red circle is at the top.", corner)
+    assert not synthetic.score_answer("position", "It is at the top right.", corner)
+    assert not synthetic.score_answer("position", "It is at the left.", corner)
     scene = {"count": 2, "shapes": [{"color": "red", "shape": "circle", "position": "left"},
                                     {"color": "blue", "shape": "square", "position": "top"}]}
     assert synthetic.score_answer("describe", "2 shapes: a red circle at the left and a blue square at the top.", scene)
@@ -337,7 +362,7 @@ def test_tokenizer_round_trips_every_text_with_llama_ids(runs):
     for text in texts:
         ids = sp.encode(text)
         assert 0 not in ids and sp.decode(ids) == text, text
-    for word in [*synthetic.COLORS, *synthetic.SHAPES, *synthetic.POSITIONS]:
+    for word in [*synthetic.COLORS, *synthetic.SHAPES, *synthetic.POSITION_WORDS]:
         assert len(sp.encode(word)) == 1, word
     assert len(sp.encode("12 plus 30")) > 3  # digits split one by one, any number tokenizes
 

@@ -122,20 +122,38 @@ def test_vision_labels_name_the_patches_each_shape_covers():
     pixels, objects, in_view = tiny.labelled_image(scene, ImageTransform(64), 8, None)
     assert pixels.shape == (3, 64, 64) and in_view == 2
     assert [f for _, f in objects] == [(synthetic.SHAPES.index("square"), list(synthetic.COLORS).index("red"),
-                                        list(synthetic.POSITIONS).index("left")),
+                                        synthetic.POSITIONS.index("top left")),
                                        (synthetic.SHAPES.index("circle"), list(synthetic.COLORS).index("blue"),
-                                        list(synthetic.POSITIONS).index("right"))]
+                                        synthetic.POSITIONS.index("bottom right"))]
     square = {(int(i) // 8, int(i) % 8) for i in objects[0][0].nonzero()}
     assert square == {(r, c) for r in (1, 2, 3) for c in (1, 2, 3)}
     circle = {(int(i) // 8, int(i) % 8) for i in objects[1][0].nonzero()}
     assert circle and all(r >= 5 and c >= 5 for r, c in circle)
 
 
+def test_vision_labels_name_the_place_a_shape_has_after_the_crop():
+    """The recorded place is where the shape is in the uncropped scene; a crop can move it into another third,
+    and the label must follow what the f_V sees (the middle of the shape's pixels in the crop)."""
+    scene = {"width": 120, "height": 120, "background": [255, 255, 255], "smooth": False, "shapes": [
+        {"color": "red", "shape": "square", "position": "center", "center": [56, 56], "size": 12, "fill": [200, 40, 40],
+         "angle": 0.0}]}
+    rng, seen = random.Random(0), set()
+    for _ in range(60):
+        pixels, objects, _ = tiny.labelled_image(scene, ImageTransform(64), 8, rng)
+        red = pixels[0] - pixels[2] > 1.0  # the square's pixels in what the f_V gets (normalised red minus blue)
+        ys, xs = (red.nonzero().float() + 0.5).mean(0) / 64
+        thirds = ("top", "", "bottom")[int(ys * 3)], ("left", "", "right")[int(xs * 3)]
+        assert synthetic.POSITIONS[objects[0][1][2]] == (" ".join(w for w in thirds if w) or "center")
+        seen.add(synthetic.POSITIONS[objects[0][1][2]])
+    # a crop of half the area that keeps the square near one of its sides moves it out of the centre third
+    assert "center" in seen and len(seen) > 1
+
+
 def test_vision_pretraining_loss_falls_on_a_fixed_batch():
     torch.manual_seed(0)
     vit = VisionTransformer(OwlConfig.preset("tiny").vision)
     vit.init_weights()
-    heads = torch.nn.ModuleList([torch.nn.Linear(128, 11), torch.nn.Linear(128, 5)])
+    heads = torch.nn.ModuleList([torch.nn.Linear(128, sum(map(len, tiny.FACTS))), torch.nn.Linear(128, 5)])
     rng = random.Random(0)
     batch = [tiny.labelled_image(synthetic.random_scene(rng), ImageTransform(64), 8, None) for _ in range(8)]
     opt = torch.optim.AdamW([*vit.parameters(), *heads.parameters()], lr=1e-3)
