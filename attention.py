@@ -1,12 +1,13 @@
 """Where f_K's learnable queries look in an image (`python owl.py ... --show-attention OUT.png`): the attention
-weights of the abstractor's last layer over f_V's patches, drawn as heat maps over the image. Only inference code is
-imported here (the CLI draws the sheet; the tests check it against softmax(q k^T / sqrt(d)) written out by hand)."""
+weights of the abstractor's last layer over f_V's patches, drawn as heat maps over the image on a PNG sheet. Only
+inference code is imported here (the tests check the maps against softmax(q k^T / sqrt(d)) written out by hand)."""
 from typing import List
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from owl import UserError
 from vit import ImageTransform
 
 PANEL, CAPTION, COLUMNS = 224, 16, 3  # pixels of a panel's picture and of its caption strip; panels per row
@@ -61,3 +62,12 @@ def draw_attention(pixels: torch.Tensor, transform: ImageTransform, maps: torch.
         draw.text((x + 4, y + 2), label, fill="black")
         sheet.paste(panel, (x, y + CAPTION))
     return sheet
+
+
+def save_attention(model, pixels: torch.Tensor, path: str) -> None:
+    """--show-attention: the sheet of the first image of pixels, written to path as a PNG."""
+    sheet = draw_attention(pixels, model.image_transform, *attention_maps(model, pixels[:1].to(model.device)))
+    try:
+        sheet.save(path, format="PNG")
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot write {path} ({type(e).__name__})") from None

@@ -1,23 +1,114 @@
-"""Talking to a loaded Owl: the chat with its history, a questions file, OwlEval. owl.py's CLI loads the model,
-checks the flags and hands over to one of these:
+"""Talking to a loaded Owl: one question, the chat with its history, a questions file, OwlEval. owl.py's CLI checks
+the flags, loads the model and hands over to one of these:
 
-    python owl.py --checkpoint DIR --image x.jpg                       # chat: the history kept in the template
-    python owl.py --checkpoint DIR --questions questions.jsonl         # answer_questions: a file, in batches
-    python owl.py --checkpoint DIR --owleval OwlEval/ > answers.jsonl  # answer_owleval: OwlEval's answer file
+    python owl.py --checkpoint DIR --image x.jpg --prompt "What is it?"  # ask: one answer, streamed (or --json)
+    python owl.py --checkpoint DIR --image x.jpg                         # ask, then chat: the history in the template
+    python owl.py --checkpoint DIR --questions questions.jsonl           # answer_questions: a file, in batches
+    python owl.py --checkpoint DIR --owleval OwlEval/ > answers.jsonl    # answer_owleval: OwlEval's answer file
 
 A conversation is a list of Turns that chat_prompt writes in the model's template; the chat, OwlEval's multi-turn
 questions and serve.py build their prompts so, and add_turn forgets the oldest turns when the context fills.
 """
 import json
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
 import torch
 
-from owl import (CHAT_HELP, MAX_PIXELS, OWL, Owl, Template, UserError, load_image, load_images, read_image,
-                 sampling_of, stream_answer)
+from attention import save_attention
+from owl import CHAT_HELP, IMAGE_ID, MAX_PIXELS, OWL, Owl, Sampling, Template, UserError, load_image, read_image
+
+# --------------------------------------------------------------------------------------------------------------
+# One question, about the --image images
+
+
+def ask(model: Owl, args, load_s: float) -> None:
+    """The CLI without --questions or --owleval: read the --image images, draw --show-attention's sheet, then answer
+    --prompt (streamed, or whole with --json) or, without --prompt, chat about them. load_s: the seconds the model
+    took to load, for --json."""
+    if args.prompt is not None:
+        check_prompt(args, model.cfg.template)
+    start = time.perf_counter()
+    pixels = load_images(args.image, model, args)
+    ids = None if args.prompt is None else prompt_ids_of(model, args)
+    timings = {"load_s": load_s, "preprocess_s": time.perf_counter() - start}
+    if args.show_attention:
+        save_attention(model, pixels, args.show_attention)
+    if ids is None:
+        chat(model, pixels, args)
+    elif args.json:
+        answer_json(model, ids, pixels, sampling_of(args), timings)
+    else:
+        stream_answer(model, ids, pixels, sampling_of(args))
+
+
+def check_prompt(args, template: Template) -> None:
+    """The prompt's image tags (<image> for mPLUG-Owl, <|image|> for mPLUG-Owl2), once the model is known."""
+    tag = template.image
+    if args.raw_prompt and args.prompt.count(tag) != len(args.image):
+        raise UserError(f"the prompt has {args.prompt.count(tag)} {tag} tags but {len(args.image)} images were given")
+    if not args.raw_prompt and args.prompt is not None and tag in args.prompt:
+        raise UserError(f"the question contains {tag}; pass --raw-prompt to place images yourself")
+
+
+def load_images(paths: list, model: Owl, args) -> Optional[torch.Tensor]:
+    """(N, 3, S, S) pixels of the images, or None for none."""
+    if not paths:
+        return None
+    return torch.stack([load_image(str(p), model.image_transform, args.max_pixels) for p in paths])
+
+
+def prompt_ids_of(model: Owl, args) -> List[int]:
+    """The ids of --prompt: in the canonical template, or as is with --raw-prompt; refused if it fills the context."""
+    ids = model.prompt_ids(args.prompt if args.raw_prompt else model.cfg.template.prompt(args.prompt, len(args.image)))
+    try:
+        model.check_context(ids)
+    except ValueError as e:
+        raise UserError(e.args[0]) from None
+    return ids
+
+
+def sampling_of(args) -> Sampling:
+    """The sampling flags as one value; with --seed, a stream of its own that starts from the seed at each call."""
+    generator = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
+    return Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, generator)
+
+
+def stream_answer(model: Owl, ids: List[int], pixels, sampling: Sampling, out=None, visual=None) -> List[int]:
+    """Generate and print the answer as it grows (to stdout unless out is given); returns the answer's token ids."""
+    out, new, shown = out or sys.stdout, [], ""
+    for token in model.generate(ids, pixels, sampling, visual=visual):
+        new.append(token)
+        text = model.tokenizer.decode(new)
+        # print only what is settled: a trailing partial UTF-8 byte sequence decodes to U+FFFD until complete
+        if text.startswith(shown) and not text.endswith("\ufffd"):
+            out.write(text[len(shown):])
+            out.flush()
+            shown = text
+    text = model.tokenizer.decode(new)
+    out.write((text[len(shown):] if text.startswith(shown) else "") + "\n")
+    out.flush()
+    return new
+
+
+def answer_json(model: Owl, ids: List[int], pixels, sampling: Sampling, timings: dict) -> None:
+    """--json: generate without streaming, then print the answer, the token counts and the timings (seconds) as one
+    JSON object. prompt_tokens counts every position of the prompt, image_tokens the visual ones among them;
+    first_token_s includes encoding the images and reading the prompt."""
+    start, first, new = time.perf_counter(), None, []
+    for token in model.generate(ids, pixels, sampling):
+        if first is None:
+            first = time.perf_counter() - start
+        new.append(token)
+    total = time.perf_counter() - start
+    record = {"answer": model.tokenizer.decode(new), "prompt_tokens": len(ids),
+              "image_tokens": sum(i == IMAGE_ID for i in ids), "generated_tokens": len(new),
+              **timings, "first_token_s": first, "generate_s": total, "tokens_per_s": len(new) / total}
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}, ensure_ascii=False))
+
 
 # --------------------------------------------------------------------------------------------------------------
 # A conversation, and the chat on stdin

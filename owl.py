@@ -7,12 +7,12 @@
 The visual tokens of each image replace the embeddings of its placeholders, in order, and the language model reads
 the result as if it were text. This file joins the three parts, owns the prompt (the template, the chunk-wise
 tokenisation and the image placeholders), reads and writes the official checkpoint format, and is the CLI: it
-checks the flags, loads the model and answers one question itself; chat.py holds the other modes.
+checks the flags, loads the model and hands it to chat.py, which answers in one of four ways:
 
     python owl.py --checkpoint DIR --image x.jpg --prompt "What is in the picture?"   # one answer, streamed
-    python owl.py --checkpoint DIR --image x.jpg                                      # a chat (chat.py)
-    python owl.py --checkpoint DIR --questions questions.jsonl                        # a file, in batches (chat.py)
-    python owl.py --checkpoint DIR --owleval OwlEval/ > answers.jsonl                 # OwlEval's answer file (chat.py)
+    python owl.py --checkpoint DIR --image x.jpg                                      # a chat
+    python owl.py --checkpoint DIR --questions questions.jsonl                        # a file, in batches
+    python owl.py --checkpoint DIR --owleval OwlEval/ > answers.jsonl                 # OwlEval's answer file
 """
 import argparse
 import json
@@ -30,7 +30,6 @@ import torch.nn as nn
 from safetensors import SafetensorError
 
 from abstractor import AbstractorConfig, VisualAbstractor
-from attention import attention_maps, draw_attention
 from llama import Llama, LlamaConfig, Tokenizer, build_empty, iter_tensors, load_into, read_json
 from vit import ImageTransform, ViTConfig, VisionTransformer
 
@@ -215,7 +214,6 @@ class OwlConfig:
                                          "attention_probs_dropout_prob": a.attention_dropout},
             "text_config": self.text.to_hf(),
         }
-
 
     def to_owl2(self) -> dict:
         """mPLUG-Owl2's config.json: the LLaMA fields at the top level, f_V and f_K in visual_config, every field the
@@ -513,62 +511,8 @@ def load_image(path: str, transform: ImageTransform, max_pixels: int = MAX_PIXEL
     return transform(read_image(path, max_pixels))
 
 
-def sampling_of(args) -> Sampling:
-    """The sampling flags as one value; with --seed, a stream of its own that starts from the seed at each call."""
-    generator = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
-    return Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, generator)
-
-
-def stream_answer(model: Owl, ids: List[int], pixels, sampling: Sampling, out=None, visual=None) -> List[int]:
-    """Generate and print the answer as it grows (to stdout unless out is given); returns the answer's token ids."""
-    out, new, shown = out or sys.stdout, [], ""
-    for token in model.generate(ids, pixels, sampling, visual=visual):
-        new.append(token)
-        text = model.tokenizer.decode(new)
-        # print only what is settled: a trailing partial UTF-8 byte sequence decodes to U+FFFD until complete
-        if text.startswith(shown) and not text.endswith("\ufffd"):
-            out.write(text[len(shown):])
-            out.flush()
-            shown = text
-    text = model.tokenizer.decode(new)
-    out.write((text[len(shown):] if text.startswith(shown) else "") + "\n")
-    out.flush()
-    return new
-
-
 # the chat's commands (chat.py), named here because --help names them
 CHAT_HELP = "/image PATH adds an image to your next question, /reset starts over, /quit (or Ctrl-D) ends"
-
-
-def load_images(paths: list, model: Owl, args) -> Optional[torch.Tensor]:
-    """(N, 3, S, S) pixels of the images, or None for none."""
-    if not paths:
-        return None
-    return torch.stack([load_image(str(p), model.image_transform, args.max_pixels) for p in paths])
-
-
-def answer_json(model: Owl, ids: List[int], pixels, sampling: Sampling, timings: dict) -> None:
-    """--json: generate without streaming, then print the answer, the token counts and the timings (seconds) as one
-    JSON object. prompt_tokens counts every position of the prompt, image_tokens the visual ones among them;
-    first_token_s includes encoding the images and reading the prompt."""
-    start, first, new = time.perf_counter(), None, []
-    for token in model.generate(ids, pixels, sampling):
-        if first is None:
-            first = time.perf_counter() - start
-        new.append(token)
-    total = time.perf_counter() - start
-    record = {"answer": model.tokenizer.decode(new), "prompt_tokens": len(ids),
-              "image_tokens": sum(i == IMAGE_ID for i in ids), "generated_tokens": len(new),
-              **timings, "first_token_s": first, "generate_s": total, "tokens_per_s": len(new) / total}
-    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}, ensure_ascii=False))
-
-
-def save_attention(model: Owl, pixels: torch.Tensor, path: str) -> None:
-    sheet = draw_attention(pixels, model.image_transform, *attention_maps(model, pixels[:1].to(model.device)))
-    try:
-        sheet.save(path, format="PNG")
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot write {path} ({type(e).__name__})") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -590,28 +534,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use --prompt as the full prompt, as is, with one image tag per --image (<image> for "
                         "mPLUG-Owl, <|image|> for mPLUG-Owl2)")
     p.add_argument("--questions", metavar="FILE.jsonl", default=None,
-                   help='answer a file of questions, one {"image": [paths], "prompt": "..."} per line ("image" may be '
-                        "missing or empty; paths are relative to the file's folder), in batches; prints one JSON line "
-                        '{"image", "prompt", "answer"} per question, in order. A malformed line or a missing or '
-                        "unreadable image stops the run before anything is generated, with an error naming the line (exit "
-                        "2). Greedy answers (--temperature 0) equal one-at-a-time answers; sampled ones, even with "
-                        "--seed, may differ from them (the batch draws from one random stream)")
+                   help='answer a file of {"image": [paths], "prompt": "..."} lines ("image" may be missing or empty; '
+                        "paths are relative to the file's folder) in batches, printing {\"image\", \"prompt\", "
+                        '"answer"} lines in order. A malformed line or a missing or unreadable image stops the run '
+                        "before any answer, naming the line (exit 2). Greedy answers (--temperature 0) equal "
+                        "one-at-a-time ones; sampled ones, even with --seed, may not (the batches share one stream)")
     p.add_argument("--batch-size", type=int, default=8, help="questions generated together with --questions")
     p.add_argument("--owleval", metavar="DIR", default=None,
                    help="answer OwlEval, the mPLUG-Owl paper's evaluation set, as the official repository's "
-                        'OwlEval/ holds it: DIR/questions.jsonl, one {"image", "question_id", "question", "ability", '
-                        '"category"} per line, and the images in DIR/cases/ (in DIR itself when it has no cases/), '
-                        'named as "image" names them ("4.jpg"). Prints the official answer file: one JSON line '
-                        '{"image", "question_id", "question", "answer", "model_id"} per question, in order, each as '
-                        'it is answered. "category" is a list (as in the official file) or a string: a question whose '
-                        'category holds "single_turn" starts a fresh conversation with its image; one that is only '
-                        '"multi_turn" continues the conversation of the question before it, which must be on the same '
-                        "image (its earlier questions and Owl's answers in the template, as the chat keeps them). "
-                        "Every line and every image is checked before anything is generated: a malformed line or a "
-                        "missing or unreadable image stops the run with an error naming it (exit 2). Greedy "
-                        "(--temperature 0) unless a sampling flag (--temperature, --top-k, --top-p, --seed) is given; "
-                        "then the unset ones take the model's defaults and each answer is drawn as a one-question run "
-                        "draws it. Not with --image, --prompt, --questions, --json or --show-attention")
+                        'OwlEval/ holds it: DIR/questions.jsonl of {"image", "question_id", "question", "ability", '
+                        '"category"} lines, the images they name ("4.jpg") in DIR/cases/ (or DIR, without cases/). '
+                        'Prints the official answer file, {"image", "question_id", "question", "answer", "model_id"} '
+                        'lines in order, each as it is answered. A question whose "category" (a list or a string) '
+                        'holds "single_turn" starts a fresh conversation with its image; one only "multi_turn" '
+                        "continues the one before it, which must be on the same image, its earlier questions and "
+                        "answers in the template as the chat keeps them. "
+                        "Every line and image is checked first: a malformed line or a missing or unreadable image "
+                        "stops the run, naming it (exit 2). Greedy (--temperature 0) unless a sampling flag "
+                        "(--temperature, --top-k, --top-p, --seed) is given; then the unset ones take the model's "
+                        "defaults and each answer is drawn as a one-question run draws it. Not with --image, "
+                        "--prompt, --questions, --json or --show-attention")
     p.add_argument("--model-id", default=None,
                    help='the "model_id" of every --owleval answer line; unset, the checkpoint folder\'s name')
     p.add_argument("--show-attention", metavar="OUT.png", default=None,
@@ -666,15 +608,6 @@ def check_args(args) -> None:
         raise UserError("--device cuda was asked for but no CUDA device is available")
 
 
-def check_prompt(args, template: Template) -> None:
-    """The prompt's image tags (<image> for mPLUG-Owl, <|image|> for mPLUG-Owl2), once the model is known."""
-    tag = template.image
-    if args.raw_prompt and args.prompt.count(tag) != len(args.image):
-        raise UserError(f"the prompt has {args.prompt.count(tag)} {tag} tags but {len(args.image)} images were given")
-    if not args.raw_prompt and args.prompt is not None and tag in args.prompt:
-        raise UserError(f"the question contains {tag}; pass --raw-prompt to place images yourself")
-
-
 SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "seed")
 
 
@@ -698,19 +631,9 @@ def load_model(args) -> Owl:
                         f"more than tensors ({type(e).__name__})") from None
 
 
-def prompt_ids_of(model: Owl, args) -> List[int]:
-    """The ids of --prompt: in the canonical template, or as is with --raw-prompt; refused if it fills the context."""
-    ids = model.prompt_ids(args.prompt if args.raw_prompt else model.cfg.template.prompt(args.prompt, len(args.image)))
-    try:
-        model.check_context(ids)
-    except ValueError as e:
-        raise UserError(e.args[0]) from None
-    return ids
-
-
 def main(argv=None) -> int:
     # chat.py imports this module at its top; imported here, at run time, the dependency stays one-way at load
-    from chat import answer_owleval, answer_questions, chat
+    from chat import answer_owleval, answer_questions, ask
 
     args = build_parser().parse_args(argv)
     try:
@@ -718,26 +641,12 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         model = load_model(args)
         fill_defaults(args, model.cfg.template)
-        if args.prompt is not None:
-            check_prompt(args, model.cfg.template)
         if args.questions is not None:
             answer_questions(model, args.questions, args)
-            return 0
-        if args.owleval is not None:
+        elif args.owleval is not None:
             answer_owleval(model, args.owleval, args)
-            return 0
-        loaded = time.perf_counter()
-        pixels = load_images(args.image, model, args)
-        ids = None if args.prompt is None else prompt_ids_of(model, args)
-        timings = {"load_s": loaded - start, "preprocess_s": time.perf_counter() - loaded}
-        if args.show_attention:
-            save_attention(model, pixels, args.show_attention)
-        if ids is None:
-            chat(model, pixels, args)
-        elif args.json:
-            answer_json(model, ids, pixels, sampling_of(args), timings)
         else:
-            stream_answer(model, ids, pixels, sampling_of(args))
+            ask(model, args, load_s=time.perf_counter() - start)
         return 0
     except UserError as e:
         print(f"owl: {e}", file=sys.stderr)
@@ -747,7 +656,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    # run from the module chat.py imports, not from __main__ (a second copy): one UserError class for both files
+    # run from the module chat.py and attention.py import, not from __main__ (a second copy): one UserError class
     import owl
 
     sys.exit(owl.main())

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+import attention
 import owl
 from chat import Turn, chat_prompt
 from conftest import assert_close, jittered_owl, tiny_owl
@@ -564,13 +565,13 @@ def test_cli_sampling_defaults_apply_when_flags_are_unset(files, monkeypatch, ch
 
 
 def test_cli_show_attention_draws_maps_on_the_tiny_grid(model, files, tmp_path, monkeypatch):
-    drawn, original = [], owl.draw_attention
+    drawn, original = [], attention.draw_attention
 
     def recording(pixels, transform, maps, labels):
         drawn.append(maps)
         return original(pixels, transform, maps, labels)
 
-    monkeypatch.setattr(owl, "draw_attention", recording)
+    monkeypatch.setattr(attention, "draw_attention", recording)
     r = owl_main("--checkpoint", files / "ckpt", "--image", files / "img0.png", "--prompt", QUESTION,
                  "--show-attention", tmp_path / "a.png", *GREEDY)
     assert r.returncode == 0, r.stderr
