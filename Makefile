@@ -25,7 +25,7 @@ DEMO_IMAGE ?= $(D)/images/h_00001.png
 demo: install
 	$(PYTHON) synthetic.py --out $(D)
 	$(PYTHON) tiny.py pretrain --data-dir $(D) --out-dir $(RUN)
-	$(PYTHON) train.py --stage 1 --llm-init $(RUN)/llm --vit-init $(RUN)/vit --data $(D)/stage1.jsonl --data $(D)/stage1_single.jsonl --val-data $(D)/val_stage1.jsonl --out-dir $(RUN)
+	$(PYTHON) train.py --stage 1 --llm-init $(RUN)/llm --vit-init $(RUN)/vit --data $(D)/stage1.jsonl --data $(D)/stage1_single.jsonl --val-data $(D)/val_stage1.jsonl --micro-batch 64 --out-dir $(RUN)
 	$(PYTHON) train.py --stage 2 --init $(RUN)/stage1 --data $(D)/stage2_owl.jsonl --data $(D)/stage2_llava.json --data $(D)/stage2_alpaca.json:0.3 --val-data $(D)/val_stage2_owl.jsonl --out-dir $(RUN)
 	$(PYTHON) tiny.py score --checkpoint $(RUN)/stage2 --heldout $(D)/heldout.jsonl
 	$(PYTHON) owl.py --checkpoint $(RUN)/stage2 --image $(DEMO_IMAGE) --prompt "How many shapes are there?" --temperature 0

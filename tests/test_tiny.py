@@ -187,3 +187,38 @@ def test_score_writes_the_accuracy_by_kind_and_each_answer(synth, stage1):
     table = json.loads((stage1 / "stage1" / f"accuracy_{synth.name}.json").read_text())
     answers = [json.loads(l) for l in (stage1 / "stage1" / f"answers_{synth.name}.jsonl").read_text().splitlines()]
     assert table["all"][1] == len(answers) == 5 and sum(a["correct"] for a in answers) == table["all"][0]
+
+
+def test_score_answers_in_batches_as_one_question_at_a_time_and_writes_the_table(synth, stage1):
+    """tiny.py score generates the held-out answers 32 at a time; greedy, each must be the answer the checkpoint
+    gives that question alone, and the table counts what score_answer says of each."""
+    from owl import Owl, load_image, render_prompt
+    ckpt, heldout = stage1 / "stage1", synth / "heldout.jsonl"
+    table = tiny.evaluate(ckpt, heldout, 40)
+    name = heldout.parent.name  # the files are named after the held-out folder
+    written = [json.loads(line) for line in (ckpt / f"answers_{name}.jsonl").read_text().splitlines()]
+    model = Owl.from_pretrained(ckpt)
+    assert len(written) == 10
+    for r in written:
+        pixels = torch.stack([load_image(str(synth / p), model.image_transform) for p in r["image"]])
+        ids = model.prompt_ids(render_prompt(r["question"], len(r["image"])))
+        alone = model.tokenizer.decode(list(model.generate(ids, pixels, max_new_tokens=48)))
+        assert r["answer"] == alone and r["correct"] == synthetic.score_answer(r["kind"], alone, r["target"])
+    assert table["all"] == (sum(r["correct"] for r in written), 10)
+    assert json.loads((ckpt / f"accuracy_{name}.json").read_text())["all"] == list(table["all"])
+
+
+def test_pretrain_runs_f_v_beside_f_l_and_reports_its_failure(synth, tmp_path):
+    """On a CPU the two stand-ins train side by side, f_V in a process of its own: when it fails (here its images
+    are gone), the command must not pass for done: exit 2 naming the f_V, and no f_V folder written."""
+    import shutil
+    from conftest import SMALL, run_script
+    data_dir = tmp_path / "synth"
+    shutil.copytree(synth, data_dir)
+    for image in (data_dir / "images").glob("s_*.png"):
+        image.unlink()
+    p = run_script("tiny.py", "pretrain", "--data-dir", data_dir, "--out-dir", tmp_path / "out", "--steps", "2",
+                   "--drill-steps", "1", "--vision-steps", "2", "--eval-samples", "2", *SMALL, check=False)
+    assert p.returncode == 2 and "f_V's pre-training failed" in p.stderr, p.stderr[-2000:]
+    assert (tmp_path / "out" / "llm" / "model.safetensors").is_file()
+    assert not (tmp_path / "out" / "vit" / "model.safetensors").exists()
