@@ -6,8 +6,8 @@ so `pretrain` makes both, in the formats those flags read:
     OUT/llm  an HF LLaMA folder: the tiny f_L, trained on text and on chats about scenes given as one vector a shape
              (a short look-up drill first), so that it can answer from its context, as LLaMA-7B can;
     OUT/vit  an HF CLIP vision folder: the tiny f_V, trained on labelled scenes, so that it sees shapes, as CLIP does.
-On a CPU with two cores or more the two train side by side, a process of one thread each. Then train.py's stages 1
-and 2 run exactly as with the real weights, and `score` answers held-out questions (in batches).
+Then train.py's stages 1 and 2 run exactly as with the real weights, and `score` answers held-out questions (in
+batches).
 
     python synthetic.py --out data/synth
     python tiny.py pretrain --data-dir data/synth --out-dir runs/owl-tiny
@@ -234,7 +234,7 @@ def vision_loss(vit, heads, batch, device) -> tuple:
     return loss, int((parts[0].argmax(1) == targets[:, 0]).sum()), len(targets)
 
 
-def pretrain_vision(args, rank: int, world: int, device: str, bar_position: int = 0) -> Path:
+def pretrain_vision(args, rank: int, world: int, device: str) -> Path:
     """The tiny f_V, from scratch: --vision-steps steps of --batch-size labelled scenes (those behind stage1.jsonl),
     written to OUT/vit as an HF CLIP vision folder, which `train.py --vit-init` reads."""
     d, out = Path(args.data_dir), Path(args.out_dir) / "vit"
@@ -262,7 +262,7 @@ def pretrain_vision(args, rank: int, world: int, device: str, bar_position: int 
     transform = ImageTransform(vcfg.image_size)
     steps = args.vision_steps
     order = random.Random(args.seed).choices(range(len(train_scenes)), k=steps * args.batch_size)
-    bar = tqdm(range(steps), disable=rank != 0, desc="f_V", dynamic_ncols=True, position=bar_position)
+    bar = tqdm(range(steps), disable=rank != 0, desc="f_V", dynamic_ncols=True)
     for step in bar:
         rng = random.Random(args.seed * 1000003 + step * world + rank)
         picks = order[step * args.batch_size: (step + 1) * args.batch_size][rank * per_rank: (rank + 1) * per_rank]
@@ -425,8 +425,6 @@ def parse_args(argv=None):
     pre.add_argument("--resume", action="store_true", help="continue the f_L from OUT/llm/train_state.pt (same "
                      "settings), and keep OUT/vit if it was written")
     pre.add_argument("--device", default="", help="default: cuda if available, else cpu")
-    pre.add_argument("--one-after-the-other", action="store_true", help="on a CPU, pre-train f_L and then f_V in "
-                     "this process instead of side by side in two processes of one thread each")
     score = commands.add_parser("score", help="answer held-out questions; accuracy by question kind",
                                 description="Answer held-out questions greedily with a checkpoint; write "
                                             "accuracy_NAME.json and answers_NAME.jsonl into it (NAME: the held-out "
@@ -456,43 +454,11 @@ def main(argv=None) -> None:
                        f"--out {args.data_dir}`)")
     rank, world, device = train.setup_distributed(train.TrainConfig(device=args.device))
     try:
-        if world == 1 and device == "cpu" and cores() > 1 and not args.one_after_the_other:
-            side_by_side(args, device)
-        else:
-            pretrain_llm(args, rank, world, device)
-            pretrain_vision(args, rank, world, device)
+        pretrain_llm(args, rank, world, device)
+        pretrain_vision(args, rank, world, device)
     finally:
         if world > 1:
             dist.destroy_process_group()
-
-
-def cores() -> int:
-    """The CPU cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def side_by_side(args, device: str) -> None:
-    """The two stand-ins are independent, so on a CPU each gets a process with one thread of its own: the tiny
-    models' small matrix products keep one core busy better than two threads share them (measured on 2 cores:
-    about 1.4x the work done per second)."""
-    import multiprocessing
-
-    torch.set_num_threads(1)
-    vision = multiprocessing.get_context("spawn").Process(target=pretrain_vision_alone, args=(args, device))
-    vision.start()
-    try:
-        pretrain_llm(args, 0, 1, device)
-    except BaseException:
-        vision.terminate()  # nothing waits for an f_V whose f_L failed or was stopped
-        raise
-    vision.join()
-    if vision.exitcode:
-        train.fail(f"the f_V's pre-training failed (exit status {vision.exitcode})")
-
-
-def pretrain_vision_alone(args, device: str) -> None:
-    torch.set_num_threads(1)
-    pretrain_vision(args, 0, 1, device, bar_position=1)  # its progress bar under the f_L's
 
 
 if __name__ == "__main__":

@@ -207,18 +207,3 @@ def test_score_answers_in_batches_as_one_question_at_a_time_and_writes_the_table
     assert table["all"] == (sum(r["correct"] for r in written), 10)
     assert json.loads((ckpt / f"accuracy_{name}.json").read_text())["all"] == list(table["all"])
 
-
-def test_pretrain_runs_f_v_beside_f_l_and_reports_its_failure(synth, tmp_path):
-    """On a CPU the two stand-ins train side by side, f_V in a process of its own: when it fails (here its images
-    are gone), the command must not pass for done: exit 2 naming the f_V, and no f_V folder written."""
-    import shutil
-    from conftest import SMALL, run_script
-    data_dir = tmp_path / "synth"
-    shutil.copytree(synth, data_dir)
-    for image in (data_dir / "images").glob("s_*.png"):
-        image.unlink()
-    p = run_script("tiny.py", "pretrain", "--data-dir", data_dir, "--out-dir", tmp_path / "out", "--steps", "2",
-                   "--drill-steps", "1", "--vision-steps", "2", "--eval-samples", "2", *SMALL, check=False)
-    assert p.returncode == 2 and "f_V's pre-training failed" in p.stderr, p.stderr[-2000:]
-    assert (tmp_path / "out" / "llm" / "model.safetensors").is_file()
-    assert not (tmp_path / "out" / "vit" / "model.safetensors").exists()
