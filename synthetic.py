@@ -4,7 +4,8 @@ The demo trains a tiny Owl on CPU, so its data must be learnable in minutes yet 
 (the paper, arXiv 2304.14178, section 3): stage 1 pairs images with captions (f_V and f_K learn to see, f_L frozen); stage 2 mixes multimodal
 instructions, in the official mPLUG-Owl JSONL and in LLaVA's JSON, with text-only ones in Alpaca's JSON (LoRA on
 f_L). synth() writes all of it in those real formats, which data.py reads back as it reads real data. Every fact
-of a scene (colour, shape, count, position) is one word, so a held-out answer can be scored by the words it contains.
+of a scene (colour, shape, count, position) is a word, or two for a place ("top left"), so a held-out answer can be
+scored by the words it contains.
 
     python synthetic.py --out data/synth
 """
@@ -399,7 +400,8 @@ def _words(answer):
 
 def score_answer(kind, answer, target):
     """kind in color|shape|count|position|describe; target as in heldout.jsonl. Describe needs every
-    "<colour> <shape>" pair and the count, and no colour, shape, number or position that is not in the scene."""
+    "<colour> <shape>" pair and the count, and no colour, shape, number or place word that is not in the scene; a
+    position answer must say exactly the words of the place ("top left": both, and no other)."""
     words = _words(answer)
 
     def said(vocab):
