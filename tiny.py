@@ -224,12 +224,15 @@ def vision_loss(vit, heads, batch, device) -> tuple:
     and the shapes whose kind is named correctly."""
     pixels = torch.stack([b[0] for b in batch]).to(device)
     hidden = vit(pixels)  # (B, 1 + N, D)
-    per_patch = heads[0](hidden[:, 1:])  # (B, N, 3 + 4 + 4)
-    logits = torch.stack([per_patch[i][mask.to(device)].max(0).values for i, b in enumerate(batch) for mask, _ in b[1]])
-    targets = torch.tensor([f for b in batch for _, f in b[1]], device=device)  # (shapes, 3)
+    per_patch = heads[0](hidden[:, 1:])  # (B, N, 3 + 4 + 9)
     counts = torch.tensor([b[2] for b in batch], device=device)
-    parts = logits.split([len(words) for words in FACTS], dim=1)  # kind, colour, position
     loss = F.cross_entropy(heads[1](hidden[:, 0]), counts, reduction="sum")
+    shapes = [per_patch[i][mask.to(device)].max(0).values for i, b in enumerate(batch) for mask, _ in b[1]]
+    if not shapes:  # every shape too small to own a patch once squashed to the f_V's size: the count alone
+        return loss, 0, 0
+    logits = torch.stack(shapes)
+    targets = torch.tensor([f for b in batch for _, f in b[1]], device=device)  # (shapes, 3)
+    parts = logits.split([len(words) for words in FACTS], dim=1)  # kind, colour, position
     loss = loss + sum(F.cross_entropy(part, targets[:, j], reduction="sum") for j, part in enumerate(parts))
     return loss, int((parts[0].argmax(1) == targets[:, 0]).sum()), len(targets)
 

@@ -207,3 +207,20 @@ def test_score_answers_in_batches_as_one_question_at_a_time_and_writes_the_table
     assert table["all"] == (sum(r["correct"] for r in written), 10)
     assert json.loads((ckpt / f"accuracy_{name}.json").read_text())["all"] == list(table["all"])
 
+
+
+def test_a_scene_whose_only_shape_owns_no_patch_is_learnt_from_its_count_alone():
+    """A small shape on a large canvas, squashed to the f_V's 64 px, can cover under 15% of every patch: no shape to
+    name, the count still to learn (the held-out check meets such scenes one at a time)."""
+    scene = {"width": 256, "height": 256, "background": [255, 255, 255], "smooth": False, "shapes": [
+        {"color": "red", "shape": "circle", "position": "center", "center": [128, 128], "size": 8,
+         "fill": [200, 40, 40], "angle": 0.0}]}
+    item = tiny.labelled_image(scene, ImageTransform(64), 8, None)
+    assert item[1] == []
+    vit = VisionTransformer(OwlConfig.preset("tiny").vision)
+    vit.init_weights()
+    heads = torch.nn.ModuleList([torch.nn.Linear(128, sum(map(len, tiny.FACTS))), torch.nn.Linear(128, 5)])
+    loss, right, n = tiny.vision_loss(vit, heads, [item], "cpu")
+    assert torch.isfinite(loss) and (right, n) == (0, 0)
+    loss.backward()
+    assert heads[1].weight.grad is not None and heads[0].weight.grad is None
