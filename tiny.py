@@ -22,6 +22,7 @@ import os
 import random
 import sys
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -265,11 +266,19 @@ def pretrain_vision(args, rank: int, world: int, device: str) -> Path:
     transform = ImageTransform(vcfg.image_size)
     steps = args.vision_steps
     order = random.Random(args.seed).choices(range(len(train_scenes)), k=steps * args.batch_size)
-    bar = tqdm(range(steps), disable=rank != 0, desc="f_V", dynamic_ncols=True)
-    for step in bar:
+    def labelled_batch(step):
         rng = random.Random(args.seed * 1000003 + step * world + rank)
         picks = order[step * args.batch_size: (step + 1) * args.batch_size][rank * per_rank: (rank + 1) * per_rank]
-        batch = [labelled_image(train_scenes[i], transform, vcfg.patch_size, rng, d) for i in picks]
+        return [labelled_image(train_scenes[i], transform, vcfg.patch_size, rng, d) for i in picks]
+
+    # the next batch is read and labelled in a thread while this one trains (PIL and numpy release the GIL)
+    prefetch = ThreadPoolExecutor(1)
+    coming = prefetch.submit(labelled_batch, 0)
+    bar = tqdm(range(steps), disable=rank != 0, desc="f_V", dynamic_ncols=True)
+    for step in bar:
+        batch = coming.result()
+        if step + 1 < steps:
+            coming = prefetch.submit(labelled_batch, step + 1)
         warm = min(1.0, (step + 1) / max(1, steps // 20))
         for g in opt.param_groups:
             g["lr"] = args.vision_lr * warm * 0.5 * (1 + math.cos(math.pi * step / steps))
@@ -285,6 +294,7 @@ def pretrain_vision(args, rank: int, world: int, device: str) -> Path:
         opt.step()
         opt.zero_grad(set_to_none=True)
         bar.set_postfix(loss=f"{loss.item() / terms.item() * world:.3f}")
+    prefetch.shutdown()
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         vit.eval()
