@@ -266,35 +266,35 @@ def pretrain_vision(args, rank: int, world: int, device: str) -> Path:
     transform = ImageTransform(vcfg.image_size)
     steps = args.vision_steps
     order = random.Random(args.seed).choices(range(len(train_scenes)), k=steps * args.batch_size)
+
     def labelled_batch(step):
         rng = random.Random(args.seed * 1000003 + step * world + rank)
         picks = order[step * args.batch_size: (step + 1) * args.batch_size][rank * per_rank: (rank + 1) * per_rank]
         return [labelled_image(train_scenes[i], transform, vcfg.patch_size, rng, d) for i in picks]
 
     # the next batch is read and labelled in a thread while this one trains (PIL and numpy release the GIL)
-    prefetch = ThreadPoolExecutor(1)
-    coming = prefetch.submit(labelled_batch, 0)
     bar = tqdm(range(steps), disable=rank != 0, desc="f_V", dynamic_ncols=True)
-    for step in bar:
-        batch = coming.result()
-        if step + 1 < steps:
-            coming = prefetch.submit(labelled_batch, step + 1)
-        warm = min(1.0, (step + 1) / max(1, steps // 20))
-        for g in opt.param_groups:
-            g["lr"] = args.vision_lr * warm * 0.5 * (1 + math.cos(math.pi * step / steps))
-        loss, _, n = vision_loss(vit, heads, batch, device)
-        terms = torch.tensor([float(n + len(batch))], device=device)  # shapes and counts, over all ranks
-        if world > 1:
-            dist.all_reduce(terms)
-        (loss / terms).backward()
-        if world > 1:  # summed gradients of the per-rank sums: those of one process on the whole batch
-            for p in both.parameters():
-                dist.all_reduce(p.grad)
-        torch.nn.utils.clip_grad_norm_(both.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        bar.set_postfix(loss=f"{loss.item() / terms.item() * world:.3f}")
-    prefetch.shutdown()
+    with ThreadPoolExecutor(1) as prefetch:
+        coming = prefetch.submit(labelled_batch, 0)
+        for step in bar:
+            batch = coming.result()
+            if step + 1 < steps:
+                coming = prefetch.submit(labelled_batch, step + 1)
+            warm = min(1.0, (step + 1) / max(1, steps // 20))
+            for g in opt.param_groups:
+                g["lr"] = args.vision_lr * warm * 0.5 * (1 + math.cos(math.pi * step / steps))
+            loss, _, n = vision_loss(vit, heads, batch, device)
+            terms = torch.tensor([float(n + len(batch))], device=device)  # shapes and counts, over all ranks
+            if world > 1:
+                dist.all_reduce(terms)
+            (loss / terms).backward()
+            if world > 1:  # summed gradients of the per-rank sums: those of one process on the whole batch
+                for p in both.parameters():
+                    dist.all_reduce(p.grad)
+            torch.nn.utils.clip_grad_norm_(both.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            bar.set_postfix(loss=f"{loss.item() / terms.item() * world:.3f}")
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         vit.eval()
