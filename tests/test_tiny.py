@@ -224,3 +224,24 @@ def test_a_scene_whose_only_shape_owns_no_patch_is_learnt_from_its_count_alone()
     assert torch.isfinite(loss) and (right, n) == (0, 0)
     loss.backward()
     assert heads[1].weight.grad is not None and heads[0].weight.grad is None
+
+
+def test_the_vision_pretraining_trains_each_step_on_a_batch_of_its_own(synth, tmp_path, monkeypatch):
+    """The next batch is labelled in a thread while a step trains: every step still gets its own batch, once."""
+    steps, per_step, seen = 6, 4, []
+
+    def named(scene, transform, patch, rng, folder=None):
+        return scene["image"], rng and rng.random()  # the scene, and the augmentation draw of its step
+
+    def loss(vit, heads, batch, device):
+        if vit.training:
+            seen.append(tuple(batch))
+        return sum(p.sum() for p in heads.parameters()) * 0.0, 0, 0
+
+    monkeypatch.setattr(tiny, "labelled_image", named)
+    monkeypatch.setattr(tiny, "vision_loss", loss)
+    args = tiny.parse_args(["pretrain", "--data-dir", str(synth), "--out-dir", str(tmp_path),
+                            "--vision-steps", str(steps), "--batch-size", str(per_step)])
+    tiny.pretrain_vision(args, 0, 1, "cpu")
+    assert len(seen) == steps and all(len(b) == per_step for b in seen)
+    assert len(set(seen)) == steps  # no batch trained twice (each step's augmentation draws differ)
