@@ -497,14 +497,18 @@ def test_cli_chat_builds_the_owl2_multi_turn_template_and_reset_starts_over(mode
     r = owl_main("--checkpoint", files / "ckpt", *GREEDY, stdin=stdin)
     assert r.returncode == 0, r.stderr
     assert len(calls) == 3
-    a1, a2, a3 = r.stdout.splitlines()
+    # each answer on its own line; a random model's answer may hold a newline itself, so the text is cut by the
+    # library's first and last answers rather than split at every newline
+    a1 = model.tokenizer.decode(greedy(model, f"USER: <|image|>{q1} ASSISTANT:", [files / "img0.png"]))
+    a3 = model.tokenizer.decode(greedy(model, f"USER: {q3} ASSISTANT:", []))
+    assert r.stdout.startswith(a1 + "\n") and r.stdout.endswith("\n" + a3 + "\n")
+    a2 = r.stdout[len(a1) + 1: -len(a3) - 2]
 
     def enc(text):
         return sp.encode(text)
 
     first = [1] + enc("USER: ") + [IMAGE_ID] * SLOTS + enc(f"{q1} ASSISTANT:")
     assert calls[0]["ids"] == first
-    assert a1 == model.tokenizer.decode(greedy(model, f"USER: <|image|>{q1} ASSISTANT:", [files / "img0.png"]))
     after_eos = sp.encode(f"USER: {q2} ASSISTANT:", out_type=str)
     assert after_eos[0] == "▁"  # legacy false (the saved tokenizer_config.json): dropped after </s>
     second = ([1] + enc("USER: ") + [IMAGE_ID] * SLOTS + enc(f"{q1} ASSISTANT: {a1.strip()}") + [2]
@@ -516,7 +520,6 @@ def test_cli_chat_builds_the_owl2_multi_turn_template_and_reset_starts_over(mode
         assert call["pixels"] is None and call["visual"].shape == (1, SLOTS, 192)  # rounding or so apart)
         assert_close(call["visual"], visual, ops=8)
     assert calls[2]["ids"] == [1] + enc(f"USER: {q3} ASSISTANT:") and calls[2]["visual"] is None
-    assert a3 == model.tokenizer.decode(greedy(model, f"USER: {q3} ASSISTANT:", []))
     assert a2.strip()
 
 
