@@ -46,12 +46,10 @@ class LlamaConfig:
     def preset(cls, name: str) -> "LlamaConfig":
         presets = {
             "llama-7b": cls(),
-            # three heads of 64, not six of 32: a shape vector sums three or four word embeddings, and a head picks
-            # one shape of a scene by two of them (docs/lab-notes.md: the tiny f_L describes more scenes right)
-            "tiny": cls(vocab_size=512, hidden_size=192, intermediate_size=512, num_layers=4, num_heads=3,
+            "tiny": cls(vocab_size=512, hidden_size=192, intermediate_size=512, num_layers=4, num_heads=6,
                         max_position_embeddings=512),
             "owl2-7b": cls(rms_norm_eps=1e-6, max_position_embeddings=2048, modality_adaptive=True),
-            "owl2-tiny": cls(vocab_size=512, hidden_size=192, intermediate_size=512, num_layers=4, num_heads=3,
+            "owl2-tiny": cls(vocab_size=512, hidden_size=192, intermediate_size=512, num_layers=4, num_heads=6,
                              max_position_embeddings=512, modality_adaptive=True),
         }
         if name not in presets:
