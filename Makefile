@@ -22,10 +22,12 @@ test: install-test
 D ?= data/synth
 RUN ?= runs/owl-tiny
 DEMO_IMAGE ?= $(D)/images/h_00001.png
+# auto: bf16 matmuls (autocast) on a CPU with bf16 instructions (AVX512-BF16, AMX), about 1.4x faster; else fp32
+DTYPE ?= auto
 demo: install
 	$(PYTHON) synthetic.py --out $(D)
-	$(PYTHON) tiny.py pretrain --data-dir $(D) --out-dir $(RUN)
-	$(PYTHON) train.py --stage 1 --llm-init $(RUN)/llm --vit-init $(RUN)/vit --data $(D)/stage1.jsonl --data $(D)/stage1_single.jsonl --val-data $(D)/val_stage1.jsonl --micro-batch 64 --out-dir $(RUN)
-	$(PYTHON) train.py --stage 2 --init $(RUN)/stage1 --data $(D)/stage2_owl.jsonl --data $(D)/stage2_llava.json --data $(D)/stage2_alpaca.json:0.3 --val-data $(D)/val_stage2_owl.jsonl --out-dir $(RUN)
+	$(PYTHON) tiny.py pretrain --data-dir $(D) --out-dir $(RUN) --dtype $(DTYPE)
+	$(PYTHON) train.py --stage 1 --llm-init $(RUN)/llm --vit-init $(RUN)/vit --data $(D)/stage1.jsonl --data $(D)/stage1_single.jsonl --val-data $(D)/val_stage1.jsonl --micro-batch 64 --out-dir $(RUN) --dtype $(DTYPE)
+	$(PYTHON) train.py --stage 2 --init $(RUN)/stage1 --data $(D)/stage2_owl.jsonl --data $(D)/stage2_llava.json --data $(D)/stage2_alpaca.json:0.3 --val-data $(D)/val_stage2_owl.jsonl --out-dir $(RUN) --dtype $(DTYPE)
 	$(PYTHON) tiny.py score --checkpoint $(RUN)/stage2 --heldout $(D)/heldout.jsonl
 	$(PYTHON) owl.py --checkpoint $(RUN)/stage2 --image $(DEMO_IMAGE) --prompt "How many shapes are there?" --temperature 0

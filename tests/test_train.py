@@ -125,6 +125,38 @@ def test_the_loss_runs_the_lm_head_on_answer_positions_only_and_equals_the_full_
         assert_close(g.double(), r, ops=64, dtype=torch.float32)
 
 
+def test_bf16_on_cpu_runs_the_matmuls_in_bf16_and_attention_in_fp32():
+    """--dtype bfloat16 on CPU: autocast's Linear gives bf16, but attention runs in fp32 (PyTorch's CPU attention is
+    slower in bf16), so its result matches softmax(q k^T / sqrt(d)) v written out in float64 to fp32 rounding."""
+    F = torch.nn.functional
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 40, 16, generator=g).bfloat16() for _ in range(3))
+    linear = torch.nn.Linear(16, 16)
+    with train.mixed_precision(torch.bfloat16, "cpu"):
+        assert linear(q.float()).dtype == torch.bfloat16
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    scores = q.double() @ k.double().transpose(-1, -2) / 4
+    scores = scores.masked_fill(torch.ones(40, 40, dtype=torch.bool).triu(1), float("-inf"))
+    ref = scores.softmax(-1) @ v.double()
+    from conftest import assert_close
+    assert y.dtype == torch.float32
+    assert_close(y.double(), ref, ops=64, dtype=torch.float32)  # bf16 attention is off by ~1e-2 of the largest
+    with train.mixed_precision(torch.float32, "cpu"):  # fp32: nothing changes
+        assert linear(q.float()).dtype == torch.float32
+    assert F.scaled_dot_product_attention(q, k, v).dtype == torch.bfloat16  # the mode ends with its context
+
+
+def test_dtype_is_bf16_on_cuda_fp32_on_cpu_and_auto_follows_the_cpu(monkeypatch, capsys):
+    assert train.train_dtype("", "cpu") == torch.float32 and train.train_dtype("", "cuda:0") == torch.bfloat16
+    assert train.train_dtype("float32", "cuda") == torch.float32 and train.train_dtype("bfloat16", "cpu") == torch.bfloat16
+    for has, want in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(train, "cpu_has_bf16", lambda: has)
+        assert train.train_dtype("auto", "cpu") == want and train.train_dtype("auto", "cuda") == torch.bfloat16
+    with pytest.raises(SystemExit) as e:
+        train.train_dtype("fp16", "cpu")
+    assert e.value.code == 2 and "--dtype 'fp16'" in capsys.readouterr().err
+
+
 def test_each_stage_changes_exactly_what_it_trains(synth, stage1):
     stage0 = stage1  # the folder holding llm/ (the f_L stage 1 starts from) and stage1/
     run(*stage2_args(synth, stage0 / "stage1"), "--out-dir", stage0, "--steps", "3", *SMALL)
