@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import data  # noqa: E402
+import plot  # noqa: E402
 import synthetic  # noqa: E402
 import train  # noqa: E402
 from conftest import (SMALL, TIMEOUT, TRAIN_ENV as ENV, run_script, stage1_args, stage2_args,  # noqa: E402
@@ -762,7 +763,7 @@ def test_the_lr_warms_up_linearly_then_falls_by_a_cosine_to_a_tenth():
 
 def test_plot_losses_draws_stages_gaps_validation_and_ticks(tmp_path):
     """loss.png read back as pixels: both stages' curves in their colours, a gap at the skipped step, the validation
-    diamonds where train.loss_axes puts those points, and tick numbers left of and below the frame."""
+    diamonds where plot.loss_axes puts those points, and tick numbers left of and below the frame."""
     from PIL import Image
 
     rows = [{"stage": "stage 1", "step": s, "loss": v} for s, v in [(1, 4.0), (2, 3.5), (3, None), (4, 2.5), (5, 2.2)]]
@@ -771,22 +772,22 @@ def test_plot_losses_draws_stages_gaps_validation_and_ticks(tmp_path):
     rows += [{"stage": "stage 2", "step": 4, "val_loss": 1.2}]
     metrics, png = tmp_path / "metrics.jsonl", tmp_path / "loss.png"
     metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    train.plot_losses(metrics, png)
+    plot.plot_losses(metrics, png)
     img = Image.open(png).convert("RGB")
-    assert img.size == train.PLOT_SIZE
-    to_px, xt, yt = train.loss_axes(train.loss_series(metrics))
+    assert img.size == plot.PLOT_SIZE
+    to_px, xt, yt = plot.loss_axes(plot.loss_series(metrics))
     assert xt[0] <= 0 and xt[-1] >= 5 and yt[0] <= 1.2 and yt[-1] >= 4.0
 
     def colours_near(step, loss, r=3):
         x, y = (round(c) for c in to_px(step, loss))
         return {img.getpixel((x + dx, y + dy)) for dx in range(-r, r + 1) for dy in range(-r, r + 1)}
 
-    blue, green = train.STAGE_COLOURS[:2]
+    blue, green = plot.STAGE_COLOURS[:2]
     assert blue in colours_near(1.5, 3.75) and green in colours_near(2.5, 1.75)  # mid-segment of each curve
     assert blue not in colours_near(3, 3.0, r=1)  # steps 2 to 4 of stage 1 are not joined: step 3 was skipped
-    assert train.VAL_COLOUR in colours_near(5, 3.0) and train.VAL_COLOUR in colours_near(4, 1.2)
-    assert train.VAL_COLOUR not in colours_near(2, 3.0)  # nowhere near a validation point
-    left, top, right, bottom = train.PLOT_BOX
+    assert plot.VAL_COLOUR in colours_near(5, 3.0) and plot.VAL_COLOUR in colours_near(4, 1.2)
+    assert plot.VAL_COLOUR not in colours_near(2, 3.0)  # nowhere near a validation point
+    left, top, right, bottom = plot.PLOT_BOX
     white = (255, 255, 255)
     y_labels = [img.getpixel((x, y)) for x in range(left - 30, left - 5) for y in range(top - 8, bottom + 8)]
     x_labels = [img.getpixel((x, y)) for x in range(left - 10, right + 10) for y in range(bottom + 6, bottom + 20)]
