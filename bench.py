@@ -56,6 +56,7 @@ import llama
 from llama import Llama, Tokenizer, build_empty
 from lora import apply_lora, mark_only_lora_trainable
 from owl import Owl, OwlConfig, render_prompt, save_shards
+from train import cpu_bf16_flags
 from vit import VisionTransformer
 
 GB = 1e9
@@ -602,14 +603,12 @@ def quiet_hf() -> None:
 
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
-    flags = ""
     try:
         info = Path("/proc/cpuinfo").read_text()
         cpu = next(line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name"))
-        flags = next(line for line in info.splitlines() if line.startswith("flags"))
     except (OSError, StopIteration):
         pass
-    bf16 = [f for f in ("avx512_bf16", "amx_bf16") if f in flags.split()]
+    bf16 = cpu_bf16_flags()
     import transformers
 
     return (f"{cpu}, {os.cpu_count()} cores ({torch.get_num_threads()} threads), bf16 instructions: "

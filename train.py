@@ -565,14 +565,18 @@ def training_transform(model: Owl):
     return data.PadToSquare(t.image_size, t.mean, t.std) if model.cfg.version == 2 else t
 
 
-def cpu_has_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX), where bf16 matmuls beat fp32 ones; elsewhere
-    they are emulated and slower."""
+def cpu_bf16_flags() -> list:
+    """The bf16 instructions this CPU has (avx512_bf16, amx_bf16), where bf16 matmuls beat fp32 ones; elsewhere they
+    are emulated and slower. Read from /proc/cpuinfo (none where there is none)."""
     try:
         flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
     except (OSError, StopIteration):
-        return False
-    return bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))
+        return []
+    return [f for f in ("avx512_bf16", "amx_bf16") if f in flags.split()]
+
+
+def cpu_has_bf16() -> bool:
+    return bool(cpu_bf16_flags())
 
 
 def train_dtype(name: str, device: str) -> torch.dtype:
