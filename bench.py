@@ -16,7 +16,8 @@ medians and their ratio. Benchmark-only dependencies: transformers and peft (req
     decode   f_L shaped hidden 1024, 24 layers, 16 heads, MLP 2816, vocab 32000 (374M parameters); a 100-token
              prompt, 64 new tokens, batch 1, greedy, fp32 and bf16: tokens/s after the first token, and the bytes of
              the weights read per token x tokens/s as a share of the stream bandwidth. Also, per weight shape, the
-             rate of each matrix-vector kernel llama.Linear chooses from (F.linear, torch.mv, row blocks; timed on
+             rate of each matrix-vector kernel llama.Linear chooses from (F.linear, torch.mv, row blocks, and
+             oneDNN's product on a packed weight, which Llama.pack_for_inference keeps where it is fastest; timed on
              copies of the weight that no cache holds, in the same rounds as the two decodes) and the one it chose:
              the fastest of them, over every shape of a step, is what PyTorch's kernels allow here. Targets: >= 1.0 x HF's tokens/s on every CPU
              (>= 1.5 where the machine allows); weights read at >= 70% of the bandwidth or at the fastest
@@ -244,11 +245,12 @@ def save_random_llama(layers: int, folder: Path) -> None:
 
 
 def both_llamas(folder: Path, dtype):
-    """Owl's f_L through Llama.from_hf and HF's LlamaForCausalLM, the same weights in the same dtype."""
+    """Owl's f_L through Llama.from_hf, packed for inference as owl.py and serve.py run it, and HF's
+    LlamaForCausalLM, the same weights in the same dtype."""
     from transformers import LlamaForCausalLM
 
     hf = LlamaForCausalLM.from_pretrained(folder, dtype=dtype).eval()
-    return Llama.from_hf(folder, dtype=dtype).eval(), hf
+    return Llama.from_hf(folder, dtype=dtype).eval().pack_for_inference(), hf
 
 
 def decode_bytes(model: Llama) -> int:
@@ -257,9 +259,9 @@ def decode_bytes(model: Llama) -> int:
 
 
 def kernel_runs(shapes, dtype) -> tuple:
-    """For each weight shape and each of llama.Linear's decode kernels that applies to it: a run that multiplies
-    copies of a random weight of that shape (256 MB in all, so none comes from a cache) by one vector; and the
-    bytes each run reads."""
+    """For each weight shape and each of llama.Linear's decode kernels that applies to it, and oneDNN's product on
+    the packed weight where it can be packed: a run that multiplies copies of a random weight of that shape (256 MB
+    in all, so none comes from a cache) by one vector; and the bytes each run reads."""
     runs, read = {}, {}
     for shape in shapes:
         w = torch.randn(shape).to(dtype)
@@ -269,6 +271,10 @@ def kernel_runs(shapes, dtype) -> tuple:
             if k != "row blocks" or shape[0] % torch.get_num_threads() == 0:
                 runs[shape, k] = lambda k=k, ws=ws, x=x: [llama.DECODE_KERNELS[k](v, x) for v in ws]
                 read[shape, k] = nbytes(ws)
+        if "packed" in llama.decode_times(w):  # this build and CPU can pack this dtype
+            packed = [llama.pack(v) for v in ws]
+            runs[shape, "packed"] = lambda ps=packed, x=x.view(1, -1): [llama.packed_linear(x, p) for p in ps]
+            read[shape, "packed"] = nbytes(ws)
     return runs, read
 
 
@@ -310,10 +316,12 @@ def case_decode(table, z, dtype, owl, hf, limit):
         print(f"  decode {dtype_name(dtype)}: {same}/{n} greedy tokens equal to HF's", flush=True)
         if dtype == torch.float32 and ours[:4] != ref[:4]:
             raise SystemExit("bench: Owl and HF choose different greedy tokens in fp32")
-        shapes = {}  # every weight a step multiplies by a vector: shape -> count
+        shapes, chosen = {}, {}  # every weight a step multiplies by a vector: shape -> count, and its kernel
         for m in owl.modules():
             if isinstance(m, llama.Linear):
-                shapes[tuple(m.weight.shape)] = shapes.get(tuple(m.weight.shape), 0) + 1
+                shape = tuple(m.weight.shape)
+                shapes[shape] = shapes.get(shape, 0) + 1
+                chosen[shape] = "packed" if m.weight.is_mkldnn else llama.decode_kernel(m.weight)
         kernels, read = kernel_runs(shapes, dtype)  # timed in the same rounds as the two decodes, side by side
         s = alternate({"owl": lambda: per_token(owl_tokens()[1]), "hf": lambda: per_token(hf_tokens()[1]),
                        **kernels}, z["repeats"])
@@ -323,11 +331,9 @@ def case_decode(table, z, dtype, owl, hf, limit):
     table.add(f"{name}: tokens/s", f"{1 / s['owl']:.1f}", f"{1 / s['hf']:.1f}", f"Owl/HF tokens/s {r:.2f}",
               ">= 1.0; >= 1.5", f"{yes(r >= 1.0)}; {yes(r >= 1.5)}")
     rates = {shape: {k: read[shape, k] / s[shape, k] / GB for sk, k in read if sk == shape} for shape in shapes}
-    threads = torch.get_num_threads()
     for shape, rate in rates.items():
-        chosen = llama.DECODE_CHOICE.get((shape, dtype, threads), "—")
         table.add(f"{name}: one {shape[0]} x {shape[1]} matrix x vector (x {shapes[shape]} a step), GB/s",
-                  ", ".join(f"{k} {v:.1f}" for k, v in rate.items()) + f"; Linear chose {chosen}")
+                  ", ".join(f"{k} {v:.1f}" for k, v in rate.items()) + f"; Linear chose {chosen[shape]}")
     step_bytes = {shape: count * shape[0] * shape[1] * dtype.itemsize for shape, count in shapes.items()}
     fastest = sum(step_bytes.values()) / sum(b / max(rates[shape].values()) for shape, b in step_bytes.items())
     weights = decode_bytes(owl)
@@ -496,7 +502,7 @@ def case_owl(table, z):
     with tempfile.TemporaryDirectory() as folder:
         tokenizer = tiny_tokenizer(Path(folder))
         for name, cfg, dtype in shapes:
-            model = random_owl(cfg, dtype, tokenizer)
+            model = random_owl(cfg, dtype, tokenizer).pack_for_inference()  # as owl.py and serve.py run it
             ids = model.prompt_ids(render_prompt("What is in the picture?", 1))
             pixels = torch.randn(1, 3, cfg.vision.image_size, cfg.vision.image_size)
             firsts, per_token = [], []
@@ -558,14 +564,17 @@ def load_and_decode(folder: str, new_tokens: int):
         return
     with torch.no_grad():
         model.language_model.lm_head.weight[model.tokenizer.eos_id] = 0.0  # EOS never wins: new_tokens every run
+    start = time.perf_counter()
+    model.pack_for_inference()  # as owl.py and serve.py run it
+    pack_s = time.perf_counter() - start
     ids = model.prompt_ids(model.cfg.template.prompt("What is in the picture? Describe it in detail.", 1))
     pixels = torch.randn(1, 3, model.cfg.vision.image_size, model.cfg.vision.image_size)
     times = []
     start = time.perf_counter()
     for _ in model.generate(ids, pixels, max_new_tokens=new_tokens, temperature=0.0):
         times.append(time.perf_counter())
-    print(json.dumps({"load_s": load_s, "first_token_s": times[0] - start, "weights": nbytes(model.parameters()),
-                      "decode_weights": decode_bytes(model.language_model), "positions": len(ids),
+    print(json.dumps({"load_s": load_s, "pack_s": pack_s, "first_token_s": times[0] - start,
+                      "weights": nbytes(model.parameters()), "decode_weights": decode_bytes(model.language_model), "positions": len(ids),
                       "per_token_s": (times[-1] - times[0]) / (len(times) - 1), "peak": peak_rss_bytes()}))
 
 
@@ -579,7 +588,8 @@ def case_load_7b(table, z, folder: Path, layers: int, limit: float, threads: int
         table.add(f"{name} bf16: Owl.from_pretrained", f"load {m['load_s']:.1f} s")
     else:
         table.add(f"{name} bf16: Owl.from_pretrained, then 1 image + question ({m['positions']} positions)",
-                  f"load {m['load_s']:.1f} s, first token after {m['first_token_s']:.1f} s more")
+                  f"load {m['load_s']:.1f} s, packing {m['pack_s']:.1f} s, first token after "
+                  f"{m['first_token_s']:.1f} s more")
     times = m["peak"] / m["weights"]
     table.add(f"{name} bf16: peak resident memory", f"{m['peak'] / GB:.2f} GB = {times:.2f} x the weights' "
               f"{m['weights'] / GB:.2f} GB", target="<= 1.15 x", met=yes(times <= 1.15))

@@ -124,53 +124,100 @@ DECODE_KERNELS = {
     "torch.mv": lambda w, x: torch.mv(w, x),  # PyTorch's own matrix-vector kernel
     "row blocks": _row_blocks,  # only where the rows split evenly over the threads
 }
-DECODE_CHOICE = {}  # (weight shape, dtype, threads) -> the name of the kernel timed fastest on this machine
+DECODE_TIMES = {}  # (weight shape, dtype, threads) -> {kernel name, or "packed": seconds a call on this machine}
+
+
+def pack(w: torch.Tensor) -> torch.Tensor:
+    """w laid out in oneDNN's own blocked format, once, for products with one row at a time. F.linear lays a bf16
+    weight out like this on every call; a packed weight skips that (and oneDNN's fp32 kernel streams it well too)."""
+    return torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1)
+
+
+def packed_linear(x: torch.Tensor, w: torch.Tensor, bias=None) -> torch.Tensor:
+    """x @ w.T + bias for a packed w (any number of rows): the same oneDNN product as F.linear on the plain w."""
+    return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
+
+
+def packable(w: torch.Tensor) -> bool:
+    """Whether this PyTorch build can pack w (a CPU weight of a dtype oneDNN multiplies)."""
+    return (w.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16) and not w.is_mkldnn
+            and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 
 def time_decode_kernels(w: torch.Tensor) -> dict:
-    """Seconds per call of each kernel that applies to w: the best of 3 rounds (a first call's set-up or another
-    process can only slow a round down). A decode step reads each weight from memory, not from a cache, so a small
-    weight is timed over copies of it (up to 16, 64 MiB in all)."""
+    """Seconds per call of each kernel that applies to w, and of the packed product where w can be packed: the best
+    of 3 rounds (a first call's set-up or another process can only slow a round down). A decode step reads each
+    weight from memory, not from a cache, so a small weight is timed over copies of it (up to 16, 64 MiB in all)."""
     k = torch.get_num_threads()
-    names = [name for name in DECODE_KERNELS if name != "row blocks" or w.shape[0] % k == 0]
     ws = [w] + [w.clone() for _ in range(min(15, (64 << 20) // (w.numel() * w.element_size()) - 1))]
     x = torch.randn(w.shape[1], dtype=w.dtype)
-    seconds = {name: [] for name in names}
+    runs = {name: (f, ws) for name, f in DECODE_KERNELS.items() if name != "row blocks" or w.shape[0] % k == 0}
+    if packable(w):
+        try:
+            runs["packed"] = (lambda p, x: packed_linear(x.view(1, -1), p).view(-1), [pack(v) for v in ws])
+            runs["packed"][0](runs["packed"][1][0], x)
+        except RuntimeError:  # e.g. bf16 where this CPU lacks the instructions oneDNN needs for it: no candidate
+            runs.pop("packed", None)
+    seconds = {name: [] for name in runs}
     for _ in range(3):
-        for name in names:  # in turn, so that a slow moment of the machine does not fall on one kernel only
+        for name, (f, weights) in runs.items():  # in turn, so that a slow moment does not fall on one kernel only
             start = time.perf_counter()
-            for v in ws:
-                DECODE_KERNELS[name](v, x)
-            seconds[name].append((time.perf_counter() - start) / len(ws))
+            for v in weights:
+                f(v, x)
+            seconds[name].append((time.perf_counter() - start) / len(weights))
     return {name: min(s) for name, s in seconds.items()}
 
 
-def decode_kernel(w: torch.Tensor) -> str:
-    """The name of the fastest kernel for w's shape, dtype and thread count, timed on its first use."""
+def decode_times(w: torch.Tensor) -> dict:
+    """time_decode_kernels for w's shape, dtype and thread count, timed once and then remembered."""
     key = (tuple(w.shape), w.dtype, torch.get_num_threads())
-    if key not in DECODE_CHOICE:
-        seconds = time_decode_kernels(w)
-        DECODE_CHOICE[key] = min(seconds, key=seconds.get)
-    return DECODE_CHOICE[key]
+    if key not in DECODE_TIMES:
+        DECODE_TIMES[key] = time_decode_kernels(w)
+    return DECODE_TIMES[key]
+
+
+def decode_kernel(w: torch.Tensor) -> str:
+    """The name of the fastest kernel for a plain (unpacked) w, timed on its first use."""
+    times = decode_times(w)
+    return min(DECODE_KERNELS.keys() & times.keys(), key=times.get)
+
+
+def packs_faster(w: torch.Tensor) -> bool:
+    """Whether w, packed, multiplies a vector faster than every kernel on the plain w does on this machine."""
+    times = decode_times(w)
+    return "packed" in times and times["packed"] < times[decode_kernel(w)]
 
 
 class Linear(nn.Linear):
-    """nn.Linear (same parameter, same state-dict key) with a faster path for one row on CPU (a decode step).
+    """nn.Linear (same parameter, same state-dict key) with faster paths for inference on CPU.
 
     A decode step multiplies every weight matrix by a single vector, so its speed is the rate at which the weights
     stream from memory, and which kernel streams fastest depends on the CPU: MKL's fp32 matrix-vector kernel runs on
     one core on a 2-core AMD EPYC (row blocks in a bmm use both), oneDNN re-packs a bf16 weight on every call and
     beats torch.mv there but not on an Intel Xeon with AMX. So the candidates are timed on this machine, once per
-    shape, dtype and thread count (decode_kernel; bench.py shows each one's rate), and the fastest is used.
+    shape, dtype and thread count (decode_times; bench.py shows each one's rate), and the fastest is used.
+    Llama.pack_for_inference goes further where it is faster: the weight itself is kept packed (see pack), and
+    every product, of one row or many, is then oneDNN's on the packed weight; such a Linear has no gradient.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.is_mkldnn:
+            if torch.is_grad_enabled():
+                raise RuntimeError("this model's weights are packed for inference (pack_for_inference): it cannot "
+                                   "be trained; load the checkpoint again without packing to train it")
+            return packed_linear(x, self.weight, self.bias)
         n, d = self.weight.shape
         if (x.numel() != d or x.device.type != "cpu" or self.bias is not None or torch.is_grad_enabled()
                 or torch.compiler.is_compiling()):  # nothing is timed under autograd or inside a compiled graph
             return F.linear(x, self.weight, self.bias)
         kernel = DECODE_KERNELS[decode_kernel(self.weight)]
         return kernel(self.weight, x.reshape(d)).reshape(*x.shape[:-1], n)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if self.weight.is_mkldnn:  # oneDNN's layout is no tensor a checkpoint can hold
+            raise RuntimeError(f"{prefix}weight is packed for inference (pack_for_inference) and cannot be saved; "
+                               "load the checkpoint again without packing to save it")
+        super()._save_to_state_dict(destination, prefix, keep_vars)
 
 
 TEXT, VISUAL = 0, 1  # the modality indicator's values, and the numbers of a Multiway's copies
@@ -379,6 +426,8 @@ class Llama(nn.Module):
             else:
                 x = layer(x, cos, sin, start_pos, mask, route)
         if targets is not None:
+            if self.lm_head.weight.is_mkldnn:
+                raise RuntimeError("the loss needs the plain lm_head weight; this model is packed for inference")
             keep = targets != -100
             x, targets = self.model.norm(x[keep]), targets[keep]  # (N, D), (N,)
             if type(self.lm_head) is not Linear:  # LoRA on the lm_head: its own forward
@@ -387,6 +436,17 @@ class Llama(nn.Module):
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.model.norm(x)).float()
+
+    @torch.no_grad()
+    def pack_for_inference(self) -> "Llama":
+        """For generation only: each Linear whose weight multiplies a vector faster packed (timed on this machine
+        for its shape, see packs_faster) keeps its weight packed from now on, in place of the plain one, so the
+        memory stays that of one copy. Prefill and decode then both run oneDNN's product on the packed weights (the
+        same arithmetic as F.linear's). The model can no longer be trained or saved: load it again for that."""
+        for m in self.modules():
+            if type(m) is Linear and packable(m.weight) and packs_faster(m.weight):
+                m.weight = nn.Parameter(pack(m.weight), requires_grad=False)
+        return self
 
     def setup_cache(self, batch_size: int, max_len: int = 0) -> None:
         """Pre-allocate every layer's KV cache once, so decoding writes in place instead of concatenating."""

@@ -128,7 +128,7 @@ def two_threads():
 def force_decode_kernel(monkeypatch, forced: str) -> list:
     """Make every Linear pick `forced` (injected timings: it is the fastest); returns the shapes it is called on."""
     calls, kernel = [], llama.DECODE_KERNELS[forced]
-    monkeypatch.setattr(llama, "DECODE_CHOICE", {})
+    monkeypatch.setattr(llama, "DECODE_TIMES", {})
     monkeypatch.setattr(llama, "time_decode_kernels", lambda w: {name: float(name != forced) for name in llama.DECODE_KERNELS})
     monkeypatch.setitem(llama.DECODE_KERNELS, forced, lambda w, x: calls.append(tuple(w.shape)) or kernel(w, x))
     return calls
@@ -160,8 +160,8 @@ def test_a_decode_step_on_cpu_through_each_kernel_matches_the_full_forward(hf_an
 def test_the_decode_kernel_is_the_fastest_one_timed_once_per_shape_dtype_and_thread_count(monkeypatch):
     """The choice follows the timings (injected here), is kept for that shape, dtype and thread count, and nothing
     is timed with autograd on, for more than one row, or while torch.compile traces."""
-    timed, seconds = [], {"F.linear": 3e-6, "torch.mv": 1e-6, "row blocks": 2e-6}
-    monkeypatch.setattr(llama, "DECODE_CHOICE", {})
+    timed, seconds = [], {"F.linear": 3e-6, "torch.mv": 1e-6, "row blocks": 2e-6, "packed": 0.1e-6}
+    monkeypatch.setattr(llama, "DECODE_TIMES", {})
     monkeypatch.setattr(llama, "time_decode_kernels", lambda w: timed.append((tuple(w.shape), w.dtype)) or dict(seconds))
     layer, x, k = Linear(64, 96, bias=False), torch.randn(1, 1, 64), torch.get_num_threads()
     with torch.no_grad():
@@ -183,16 +183,19 @@ def test_the_decode_kernel_is_the_fastest_one_timed_once_per_shape_dtype_and_thr
             m.setattr(torch.compiler, "is_compiling", lambda: True)
             other(x)
     assert other(x).requires_grad  # with autograd on it is nn.Linear's own forward
-    assert llama.DECODE_CHOICE == {((96, 64), torch.float32, k): "torch.mv", ((32, 64), torch.float32, k): "row blocks",
-                                   ((96, 64), torch.bfloat16, k): "row blocks", ((96, 64), torch.float32, k + 1): "row blocks"}
+    # a plain weight never takes the packed product, however fast: packing is pack_for_inference's decision
+    chosen = {key: min(llama.DECODE_KERNELS, key=times.get) for key, times in llama.DECODE_TIMES.items()}
+    assert chosen == {((96, 64), torch.float32, k): "torch.mv", ((32, 64), torch.float32, k): "row blocks",
+                      ((96, 64), torch.bfloat16, k): "row blocks", ((96, 64), torch.float32, k + 1): "row blocks"}
     assert len(timed) == 4
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_every_decode_kernel_is_w_times_x_whatever_the_thread_count(threads, dtype):
-    """Each kernel gives w @ x up to the rounding of its sums (64 products; bf16 ones are summed in float32 and
-    rounded once), and the timing offers row blocks only where the rows split evenly over the threads."""
+    """Each kernel, and the packed product where this build can pack, gives w @ x up to the rounding of its sums (64
+    products; bf16 ones are summed in float32 and rounded once), and the timing offers row blocks only where the
+    rows split evenly over the threads."""
     torch.manual_seed(0)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -200,12 +203,68 @@ def test_every_decode_kernel_is_w_times_x_whatever_the_thread_count(threads, dty
         for rows in (96, 97):
             w, x = torch.randn(rows, 64, dtype=dtype), torch.randn(64, dtype=dtype)
             names = set(llama.time_decode_kernels(w))
-            assert names == set(llama.DECODE_KERNELS) - ({"row blocks"} if rows % threads else set())
-            for name in names:
-                assert_close(llama.DECODE_KERNELS[name](w, x), w.double() @ x.double(),
-                             ops=64 if dtype == torch.float32 else 1, dtype=dtype)
+            assert names - {"packed"} == set(llama.DECODE_KERNELS) - ({"row blocks"} if rows % threads else set())
+            products = {name: llama.DECODE_KERNELS[name](w, x) for name in names - {"packed"}}
+            if "packed" in names:
+                products["packed"] = llama.packed_linear(x.view(1, -1), llama.pack(w)).view(-1)
+            for name, product in products.items():
+                assert_close(product, w.double() @ x.double(), ops=64 if dtype == torch.float32 else 1, dtype=dtype)
     finally:
         torch.set_num_threads(before)
+
+
+def time_packed(monkeypatch, packed_seconds: float) -> None:
+    """Injected timings: the plain kernels take 1 s a call, the packed product packed_seconds."""
+    monkeypatch.setattr(llama, "DECODE_TIMES", {})
+    monkeypatch.setattr(llama, "time_decode_kernels",
+                        lambda w: {"F.linear": 1.0, "torch.mv": 1.0, "row blocks": 1.0, "packed": packed_seconds})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_a_model_packed_for_inference_gives_hf_logits_in_prefill_and_decode_and_its_greedy_tokens(
+        hf_and_folder, monkeypatch, dtype):
+    """Every Linear's weight is replaced by its packed layout (no plain copy kept); the prompt's logits, a decode
+    step's and (fp32) 20 greedy tokens are HF's, whose bf16 model is the reference in bf16."""
+    time_packed(monkeypatch, 0.5)
+    hf, folder = hf_and_folder
+    hf = hf.to(dtype)
+    model = Llama.from_hf(folder, dtype=dtype).eval().pack_for_inference()
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    assert len(linears) == 7 * TINY["num_hidden_layers"] + 1 and all(m.weight.is_mkldnn for m in linears)
+    plain = {n for n, p in model.named_parameters() if not p.is_mkldnn}
+    assert all(n.endswith(("embed_tokens.weight", "norm.weight", "layernorm.weight")) for n in plain)
+    ids = ids_for_test(B=1, T=9)
+    ref = hf_logits(hf, ids)
+    with torch.no_grad():
+        assert_close(model(ids), ref, ops=roundings(dtype))
+        model.setup_cache(batch_size=1, max_len=16)
+        model(ids[:, :8])
+        step = model(ids[:, 8:], start_pos=8)
+        model.clear_cache()
+    assert_close(step, ref[:, -1:], ops=roundings(dtype))
+    if dtype == torch.float32:
+        prompt = ids_for_test(B=1, T=7, seed=3)
+        hf.generation_config.eos_token_id = None
+        with torch.no_grad():
+            expected = hf.generate(prompt, max_new_tokens=20, do_sample=False, pad_token_id=0)[0, 7:].tolist()
+        assert list(model.generate(prompt, max_new_tokens=20, eos_id=-1)) == expected
+
+
+def test_packing_follows_the_timings_and_a_packed_model_refuses_training_saving_and_the_loss(hf_and_folder,
+                                                                                                monkeypatch):
+    _, folder = hf_and_folder
+    time_packed(monkeypatch, 2.0)  # slower than the plain kernels: nothing is packed
+    model = Llama.from_hf(folder).eval().pack_for_inference()
+    assert not any(p.is_mkldnn for p in model.parameters())
+    time_packed(monkeypatch, 0.5)
+    model.pack_for_inference()
+    ids = ids_for_test(B=1, T=5)
+    with pytest.raises(RuntimeError, match="q_proj.weight is packed for inference"):
+        model.state_dict()
+    with pytest.raises(RuntimeError, match="packed for inference"):
+        model(ids)  # autograd on: a packed weight has no gradient
+    with torch.no_grad(), pytest.raises(RuntimeError, match="packed for inference"):
+        model(ids, targets=ids)
 
 
 def test_chunked_cross_entropy_equals_f_cross_entropy_of_the_full_logits_with_its_gradients():
