@@ -220,6 +220,15 @@ class Linear(nn.Linear):
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
 
+def keep_plain(module: nn.Module, skip=frozenset()) -> None:
+    """Copy each CPU parameter of module (but those whose id is in skip) into memory of its own, so that none is a
+    view of a memory-mapped checkpoint file any more."""
+    for m in module.modules():
+        for name, p in list(m.named_parameters(recurse=False)):
+            if id(p) not in skip and p.device.type == "cpu" and not p.is_mkldnn:
+                setattr(m, name, nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))
+
+
 TEXT, VISUAL = 0, 1  # the modality indicator's values, and the numbers of a Multiway's copies
 
 
@@ -440,11 +449,17 @@ class Llama(nn.Module):
     @torch.no_grad()
     def pack_for_inference(self) -> "Llama":
         """For generation only: each Linear whose weight multiplies a vector faster packed (timed on this machine
-        for its shape, see packs_faster) keeps its weight packed from now on, in place of the plain one, so the
-        memory stays that of one copy. Prefill and decode then both run oneDNN's product on the packed weights (the
-        same arithmetic as F.linear's). The model can no longer be trained or saved: load it again for that."""
-        for m in self.modules():
-            if type(m) is Linear and packable(m.weight) and packs_faster(m.weight):
+        for its shape, see packs_faster) keeps its weight packed from now on, in place of the plain one. Prefill and
+        decode then both run oneDNN's product on the packed weights (the same arithmetic as F.linear's). The model
+        can no longer be trained or saved: load it again for that."""
+        todo = [m for m in self.modules() if type(m) is Linear and packable(m.weight) and packs_faster(m.weight)]
+        if todo:
+            # A loaded weight may still be a view of the checkpoint's memory-mapped file (iter_tensors), which stays
+            # mapped, and counted as resident, while any tensor views it. So the weights not packed are copied out
+            # first, and the rest packed in the order they lie in memory: each file is let go once its last weight
+            # is packed, before the next is read, and memory stays near one copy of the weights.
+            keep_plain(self, skip={id(m.weight) for m in todo})
+            for m in sorted(todo, key=lambda m: m.weight.data_ptr()):
                 m.weight = nn.Parameter(pack(m.weight), requires_grad=False)
         return self
 

@@ -267,6 +267,23 @@ def test_packing_follows_the_timings_and_a_packed_model_refuses_training_saving_
         model(ids, targets=ids)
 
 
+def test_packing_copies_the_other_weights_out_of_the_checkpoint_file_and_keeps_their_values(hf_and_folder,
+                                                                                              monkeypatch):
+    """A bf16 checkpoint loads as views of its memory-mapped file; once packed, no weight views the file any more
+    (the file could stay mapped, and resident, beside the packed copies), and every plain weight is unchanged."""
+    time_packed(monkeypatch, 0.5)
+    _, folder = hf_and_folder
+    save_file({k: v.bfloat16().contiguous() for k, v in load_file(folder / "model.safetensors").items()},
+              folder / "model.safetensors")
+    model = Llama.from_hf(folder, dtype=torch.bfloat16)
+    before = {n: (p.data_ptr(), p.detach().clone()) for n, p in model.named_parameters()}
+    model.pack_for_inference()
+    for name, p in model.named_parameters():
+        if not p.is_mkldnn:
+            assert p.data_ptr() != before[name][0], name
+            assert torch.equal(p, before[name][1]), name
+
+
 def test_chunked_cross_entropy_equals_f_cross_entropy_of_the_full_logits_with_its_gradients():
     """Vocab 40000 makes blocks of 419 rows: 1000 rows take three, the last one short. The summed loss and the
     gradients of x and of the weight equal F.cross_entropy over the whole (1000, 40000) logits; under no_grad the
