@@ -128,8 +128,8 @@ DECODE_TIMES = {}  # (weight shape, dtype, threads) -> {kernel name, or "packed"
 
 
 def pack(w: torch.Tensor) -> torch.Tensor:
-    """w laid out in oneDNN's own blocked format, once, for products with one row at a time. F.linear lays a bf16
-    weight out like this on every call; a packed weight skips that (and oneDNN's fp32 kernel streams it well too)."""
+    """w laid out in oneDNN's own blocked format, once, for products with one row at a time. F.linear on a bf16
+    weight runs oneDNN, which lays the weight out like this on every call; a packed weight skips that."""
     return torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1)
 
 
@@ -139,8 +139,10 @@ def packed_linear(x: torch.Tensor, w: torch.Tensor, bias=None) -> torch.Tensor:
 
 
 def packable(w: torch.Tensor) -> bool:
-    """Whether this PyTorch build can pack w (a CPU weight of a dtype oneDNN multiplies)."""
-    return (w.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16) and not w.is_mkldnn
+    """Whether w is a bf16 CPU weight and this PyTorch build can pack it. Only bf16: there F.linear is oneDNN's
+    product too, so packing changes no result; an fp32 F.linear is MKL's, and a packed fp32 weight would round the
+    prompt's products differently from HF's and the official code's, for a few % of speed at most (docs/speed.md)."""
+    return (w.device.type == "cpu" and w.dtype == torch.bfloat16 and not w.is_mkldnn
             and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 

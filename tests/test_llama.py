@@ -220,13 +220,14 @@ def time_packed(monkeypatch, packed_seconds: float) -> None:
                         lambda w: {"F.linear": 1.0, "torch.mv": 1.0, "row blocks": 1.0, "packed": packed_seconds})
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_a_model_packed_for_inference_gives_hf_logits_in_prefill_and_decode_and_its_greedy_tokens(
-        hf_and_folder, monkeypatch, dtype):
-    """Every Linear's weight is replaced by its packed layout (no plain copy kept); the prompt's logits, a decode
-    step's and (fp32) 20 greedy tokens are HF's, whose bf16 model is the reference in bf16."""
+def test_a_bf16_model_packed_for_inference_gives_hf_logits_in_prefill_and_decode(hf_and_folder, monkeypatch):
+    """Every Linear's weight is replaced by its packed layout (no plain copy kept); the prompt's logits and a decode
+    step's are HF's bf16 model's (greedy tokens are not compared: in bf16, near-ties part even the plain model from
+    HF's). An fp32 model is never packed, however fast."""
     time_packed(monkeypatch, 0.5)
     hf, folder = hf_and_folder
+    assert not any(p.is_mkldnn for p in Llama.from_hf(folder).pack_for_inference().parameters())
+    dtype = torch.bfloat16
     hf = hf.to(dtype)
     model = Llama.from_hf(folder, dtype=dtype).eval().pack_for_inference()
     linears = [m for m in model.modules() if isinstance(m, Linear)]
@@ -242,19 +243,13 @@ def test_a_model_packed_for_inference_gives_hf_logits_in_prefill_and_decode_and_
         step = model(ids[:, 8:], start_pos=8)
         model.clear_cache()
     assert_close(step, ref[:, -1:], ops=roundings(dtype))
-    if dtype == torch.float32:
-        prompt = ids_for_test(B=1, T=7, seed=3)
-        hf.generation_config.eos_token_id = None
-        with torch.no_grad():
-            expected = hf.generate(prompt, max_new_tokens=20, do_sample=False, pad_token_id=0)[0, 7:].tolist()
-        assert list(model.generate(prompt, max_new_tokens=20, eos_id=-1)) == expected
 
 
 def test_packing_follows_the_timings_and_a_packed_model_refuses_training_saving_and_the_loss(hf_and_folder,
                                                                                                 monkeypatch):
     _, folder = hf_and_folder
     time_packed(monkeypatch, 2.0)  # slower than the plain kernels: nothing is packed
-    model = Llama.from_hf(folder).eval().pack_for_inference()
+    model = Llama.from_hf(folder, dtype=torch.bfloat16).eval().pack_for_inference()
     assert not any(p.is_mkldnn for p in model.parameters())
     time_packed(monkeypatch, 0.5)
     model.pack_for_inference()
