@@ -156,10 +156,11 @@ def time_decode_kernels(w: torch.Tensor) -> dict:
     runs = {name: (f, ws) for name, f in DECODE_KERNELS.items() if name != "row blocks" or w.shape[0] % k == 0}
     if packable(w):
         try:
-            runs["packed"] = (lambda p, x: packed_linear(x.view(1, -1), p).view(-1), [pack(v) for v in ws])
-            runs["packed"][0](runs["packed"][1][0], x)
-        except RuntimeError:  # e.g. bf16 where this CPU lacks the instructions oneDNN needs for it: no candidate
-            runs.pop("packed", None)
+            packed = [pack(v) for v in ws]
+            packed_linear(x.view(1, -1), packed[0])
+            runs["packed"] = (lambda p, x: packed_linear(x.view(1, -1), p).view(-1), packed)
+        except RuntimeError:  # e.g. a CPU without the instructions oneDNN needs for bf16: no candidate then
+            pass
     seconds = {name: [] for name in runs}
     for _ in range(3):
         for name, (f, weights) in runs.items():  # in turn, so that a slow moment does not fall on one kernel only

@@ -354,7 +354,7 @@ def save_clip(vit: VisionTransformer, out: Path) -> None:
 
 def evaluate(ckpt: Path, heldout: Path, limit: int, device: str = "cpu") -> dict:
     """Answer held-out questions greedily with the exported checkpoint; accuracy by question kind."""
-    model = Owl.from_pretrained(ckpt, torch.float32, device).pack_for_inference()
+    model = Owl.from_pretrained(ckpt, torch.float32, device)
     results, answers, rows = [], [], heldout_rows(heldout, limit)
     batch = 32  # greedy answers in a batch are those of one question at a time, in a fraction of the time
     for start in tqdm(range(0, len(rows), batch), desc="held-out", unit="batch", dynamic_ncols=True):
