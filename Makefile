@@ -22,9 +22,10 @@ test: install-test
 D ?= data/synth
 RUN ?= runs/owl-tiny
 DEMO_IMAGE ?= $(D)/images/h_00001.png
-# float32; `make demo DTYPE=auto` trains in bf16 (autocast) on a CPU with bf16 instructions (AVX512-BF16, AMX):
-# 19 instead of 24 minutes on the AMD EPYC, but one seed of three learnt 7 points less (docs/lab-notes.md)
-DTYPE ?= float32
+# auto: bf16 autocast on a CPU with bf16 instructions (AVX512-BF16, AMX), float32 elsewhere: 19 instead of 24
+# minutes on the AMD EPYC, and over four seeds in each its accuracy stays within float32's own seed-to-seed spread
+# (docs/lab-notes.md). `make demo DTYPE=float32` trains in float32 everywhere.
+DTYPE ?= auto
 demo: install
 	$(PYTHON) synthetic.py --out $(D)
 	$(PYTHON) tiny.py pretrain --data-dir $(D) --out-dir $(RUN) --dtype $(DTYPE)
