@@ -54,10 +54,9 @@ import torch
 import torch.nn.functional as F
 
 import llama
-from llama import Llama, Tokenizer, build_empty
+from llama import Llama, Tokenizer, build_empty, cpu_bf16_flags
 from lora import apply_lora, mark_only_lora_trainable
 from owl import Owl, OwlConfig, render_prompt, save_shards
-from train import cpu_bf16_flags
 from vit import VisionTransformer
 
 GB = 1e9
@@ -574,7 +573,8 @@ def load_and_decode(folder: str, new_tokens: int):
     for _ in model.generate(ids, pixels, max_new_tokens=new_tokens, temperature=0.0):
         times.append(time.perf_counter())
     print(json.dumps({"load_s": load_s, "pack_s": pack_s, "first_token_s": times[0] - start,
-                      "weights": nbytes(model.parameters()), "decode_weights": decode_bytes(model.language_model), "positions": len(ids),
+                      "weights": nbytes(model.parameters()), "decode_weights": decode_bytes(model.language_model),
+                      "positions": len(ids),
                       "per_token_s": (times[-1] - times[0]) / (len(times) - 1), "peak": peak_rss_bytes()}))
 
 

@@ -146,6 +146,16 @@ def packable(w: torch.Tensor) -> bool:
             and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 
+def cpu_bf16_flags() -> list:
+    """The bf16 instructions this CPU has (avx512_bf16, amx_bf16), where bf16 matmuls beat fp32 ones; elsewhere they
+    are emulated and slower. Read from /proc/cpuinfo (none where there is none)."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return []
+    return [f for f in ("avx512_bf16", "amx_bf16") if f in flags.split()]
+
+
 def time_decode_kernels(w: torch.Tensor) -> dict:
     """Seconds per call of each kernel that applies to w, and of the packed product where w can be packed: the best
     of 3 rounds (a first call's set-up or another process can only slow a round down). A decode step reads each

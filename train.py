@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 import data
 import lora
-from llama import Llama, RMSNorm, Tokenizer
+from llama import Llama, RMSNorm, Tokenizer, cpu_bf16_flags
 from owl import MAX_PIXELS, Owl, OwlConfig, UserError, read_image
 from plot import plot_losses
 from vit import VisionTransformer
@@ -565,17 +565,8 @@ def training_transform(model: Owl):
     return data.PadToSquare(t.image_size, t.mean, t.std) if model.cfg.version == 2 else t
 
 
-def cpu_bf16_flags() -> list:
-    """The bf16 instructions this CPU has (avx512_bf16, amx_bf16), where bf16 matmuls beat fp32 ones; elsewhere they
-    are emulated and slower. Read from /proc/cpuinfo (none where there is none)."""
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return []
-    return [f for f in ("avx512_bf16", "amx_bf16") if f in flags.split()]
-
-
 def cpu_has_bf16() -> bool:
+    """Whether `--dtype auto` trains in bf16 on this CPU (llama.cpu_bf16_flags)."""
     return bool(cpu_bf16_flags())
 
 
