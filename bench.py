@@ -19,9 +19,10 @@ medians and their ratio. Benchmark-only dependencies: transformers and peft (req
              rate of each matrix-vector kernel llama.Linear chooses from (F.linear, torch.mv, row blocks, and
              oneDNN's product on a packed weight, which Llama.pack_for_inference keeps where it is fastest; timed on
              copies of the weight that no cache holds, in the same rounds as the two decodes) and the one it chose:
-             the fastest of them, over every shape of a step, is what PyTorch's kernels allow here. Targets: >= 1.0 x HF's tokens/s on every CPU
-             (>= 1.5 where the machine allows); weights read at >= 70% of the bandwidth or at the fastest
-             kernels' rate, whichever is lower.
+             the fastest of them, over every shape of a step, is what PyTorch's kernels allow here; and the step's
+             matrix products alone, each weight once in a step's order (what is left with nothing else of the step).
+             Targets: >= 1.0 x HF's tokens/s on every CPU (>= 1.5 where the machine allows); weights read at >= 70%
+             of the bandwidth or at the fastest kernels' rate, whichever is lower.
     prefill  the same f_L reading 65 image-token embeddings + 100 text tokens, up to the next token's logits (KV
              cache filled): seconds. Target Owl <= 0.8 x HF.
     lora     a stage-2 step on the same f_L: LoRA r 8, alpha 32, dropout 0.05 on q_proj and v_proj, batch 2 x 512,
@@ -277,6 +278,22 @@ def kernel_runs(shapes, dtype) -> tuple:
     return runs, read
 
 
+def step_products(owl: Llama, dtype):
+    """A run that makes a decode step's matrix products and nothing else: every Linear of owl (packed or not, as
+    the decode runs it) on one vector, in the order a step calls them. Seconds per step. It shows how much of
+    the gap between a decode step and the kernels timed one shape at a time lies outside Owl's code."""
+    order = [m for m in owl.modules() if isinstance(m, llama.Linear)]  # module order: the layers, then lm_head
+    xs = {m.in_features: torch.randn(1, 1, m.in_features, dtype=dtype) for m in order}
+
+    def run(steps: int = 8) -> float:
+        start = time.perf_counter()
+        for _ in range(steps):
+            for m in order:
+                m(xs[m.in_features])
+        return (time.perf_counter() - start) / steps
+    return run
+
+
 def case_decode(table, z, dtype, owl, hf, limit):
     from transformers.generation.streamers import BaseStreamer
 
@@ -323,7 +340,7 @@ def case_decode(table, z, dtype, owl, hf, limit):
                 chosen[shape] = "packed" if m.weight.is_mkldnn else llama.decode_kernel(m.weight)
         kernels, read = kernel_runs(shapes, dtype)  # timed in the same rounds as the two decodes, side by side
         s = alternate({"owl": lambda: per_token(owl_tokens()[1]), "hf": lambda: per_token(hf_tokens()[1]),
-                       **kernels}, z["repeats"])
+                       "products": step_products(owl, dtype), **kernels}, z["repeats"])
         del kernels
     name = f"f_L decode ({z['llama_layers']} layers), {dtype_name(dtype)}"
     r = s["hf"] / s["owl"]
@@ -342,6 +359,9 @@ def case_decode(table, z, dtype, owl, hf, limit):
               f"{owl_bw / fastest:.0%} of the fastest kernels' {fastest:.1f} GB/s",
               f"{hf_bw:.1f} GB/s = {hf_bw / limit:.0%}", "share of the stream bandwidth",
               f">= min(70% = {0.7 * limit:.1f}, fastest kernels {fastest:.1f} GB/s)", yes(owl_bw >= goal))
+    products_bw = sum(step_bytes.values()) / s["products"] / GB
+    table.add(f"{name}: a step's matrix products alone, each weight once, in a step's order, GB/s",
+              f"{products_bw:.1f} = {products_bw / limit:.0%} of the bandwidth (nothing else of the step)")
 
 
 def llama_flops(layers: int, tokens: int, logits: int, D=1024, I=2816, V=32000) -> float:

@@ -1,6 +1,7 @@
 """Inference beyond one question, in this process on a tiny random Owl: batched answers are the one-at-a-time
 answers token for token, whatever the pads hold; the attention picture shows softmax(q k^T / sqrt(d)) of f_K's last
 layer over the patches; a huge image is refused from its header. The chat's tests are in test_chat.py."""
+import copy
 import math
 import time
 import warnings
@@ -107,6 +108,20 @@ def test_what_the_pads_hold_changes_no_answer(model):
         noisy[b, : embeds.shape[1] - n] = 10 * torch.randn(embeds.shape[1] - n, embeds.shape[2])
     answers = llm.generate_batch(embeds, lengths, max_new_tokens=10)
     assert answers == llm.generate_batch(noisy, lengths, max_new_tokens=10) == alone(llm, rows, max_new_tokens=10)
+
+
+def test_in_bf16_too_the_pads_are_hidden_at_every_step(model):
+    """In bf16 (PyTorch's other attention kernel) the pads stay hidden at every step too: noise in them changes no
+    answer, and each row answers as it does alone up to bf16 rounding (the first tokens agree)."""
+    llm = copy.deepcopy(model.language_model).to(torch.bfloat16)
+    rows = random_rows([5, 23, 40], llm.cfg.vocab_size, seed=3)
+    embeds, lengths = padded_embeddings(llm, rows)
+    noisy = embeds.clone()
+    for b, n in enumerate(lengths):
+        noisy[b, : embeds.shape[1] - n] = 10 * torch.randn(embeds.shape[1] - n, embeds.shape[2])
+    answers = llm.generate_batch(embeds, lengths, max_new_tokens=10, eos_id=-1)
+    assert answers == llm.generate_batch(noisy, lengths, max_new_tokens=10, eos_id=-1)
+    assert [a[:2] for a in answers] == [a[:2] for a in alone(llm, rows, max_new_tokens=2, eos_id=-1)]
 
 
 def test_a_row_that_ends_with_eos_leaves_the_batch_and_the_others_go_on(model):
