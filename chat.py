@@ -82,13 +82,13 @@ def stream_answer(model: Owl, ids: List[int], pixels, sampling: Sampling, out=No
     out, new, shown = out or sys.stdout, [], ""
     for token in model.generate(ids, pixels, sampling, visual=visual):
         new.append(token)
-        text = model.tokenizer.decode(new)
+        text = model.answer_text(new)
         # print only what is settled: a trailing partial UTF-8 byte sequence decodes to U+FFFD until complete
         if text.startswith(shown) and not text.endswith("\ufffd"):
             out.write(text[len(shown):])
             out.flush()
             shown = text
-    text = model.tokenizer.decode(new)
+    text = model.answer_text(new)
     out.write((text[len(shown):] if text.startswith(shown) else "") + "\n")
     out.flush()
     return new
@@ -104,7 +104,7 @@ def answer_json(model: Owl, ids: List[int], pixels, sampling: Sampling, timings:
             first = time.perf_counter() - start
         new.append(token)
     total = time.perf_counter() - start
-    record = {"answer": model.tokenizer.decode(new), "prompt_tokens": len(ids),
+    record = {"answer": model.answer_text(new), "prompt_tokens": len(ids),
               "image_tokens": sum(i == IMAGE_ID for i in ids), "generated_tokens": len(new),
               **timings, "first_token_s": first, "generate_s": total, "tokens_per_s": len(new) / total}
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}, ensure_ascii=False))
@@ -184,7 +184,7 @@ def chat_turn(model: Owl, history: List[Turn], turn: Turn, args) -> Optional[Lis
         return None
     history, ids, visual = kept
     # a fresh stream each turn: with --seed, every answer is drawn as a one-question run draws it
-    turn.answer = model.tokenizer.decode(stream_answer(model, ids, None, sampling_of(args), visual=visual))
+    turn.answer = model.answer_text(stream_answer(model, ids, None, sampling_of(args), visual=visual))
     return history
 
 
@@ -270,7 +270,7 @@ def answer_questions(model: Owl, path: str, args) -> None:
         prompts = [(q_ids, load_images([folder / i for i in q.images], model, args)) for q, q_ids in batch]
         answers = model.generate_batch(prompts, sampling)
         for (q, _), answer in zip(batch, answers):
-            record = {"image": q.images, "prompt": q.prompt, "answer": model.tokenizer.decode(answer)}
+            record = {"image": q.images, "prompt": q.prompt, "answer": model.answer_text(answer)}
             sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
         sys.stdout.flush()
 
@@ -373,7 +373,7 @@ def answer_owleval(model: Owl, folder: str, args) -> None:
         # the question alone fits (checked above), so add_turn keeps it
         history, ids, visual = add_turn(model, history, turn, room, f"question {q.question_id}'s conversation")
         answer = model.generate(ids, None, sampling_of(args), visual=visual)
-        turn.answer = model.tokenizer.decode(list(answer))
+        turn.answer = model.answer_text(list(answer))
         record = {"image": q.image, "question_id": q.question_id, "question": q.question, "answer": turn.answer,
                   "model_id": model_id}  # the keys of the official answer files, in their order
         sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")

@@ -63,7 +63,12 @@ class Template:
 
     def answer(self, text: str) -> str:
         """What follows a turn once it is answered."""
-        return text if self.name == "mplug-owl" else f" {text.strip()}{self.eos}"
+        return text if self.name == "mplug-owl" else f" {self.reply(text)}{self.eos}"
+
+    def reply(self, text: str) -> str:
+        """An answer's decoded text as the official code hands it out: v1's as decoded (its README's decode);
+        mPLUG-Owl2's without leading and trailing whitespace (the .strip() of its README, cli.py and eval scripts)."""
+        return text if self.name == "mplug-owl" else text.strip()
 
     def prompt(self, question: str, num_images: int) -> str:
         """The canonical single-turn prompt of the released model."""
@@ -349,6 +354,11 @@ class Owl(nn.Module):
         return self.language_model.generate_batch(embeds, [len(ids) for ids, _ in prompts], s.max_new_tokens,
                                                   self.tokenizer.eos_id, s.temperature, s.top_k, s.top_p,
                                                   s.generator, modality=self.modality(padded))
+
+    def answer_text(self, ids: List[int]) -> str:
+        """The text of an answer's token ids, special tokens skipped, as the official code of this model gives it
+        (Template.reply): what the CLI prints, --json and --questions write, and the server sends."""
+        return self.cfg.template.reply(self.tokenizer.decode(ids))
 
     def prompt_ids(self, text: str) -> List[int]:
         """BOS + the ids of a prompt written in this model's template, with image placeholders."""

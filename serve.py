@@ -303,7 +303,7 @@ class Worker:
         try:
             for token in tokens:
                 new.append(token)
-                text, stopped = cut_at_stop(tokenizer.decode(new), job.stop)
+                text, stopped = cut_at_stop(self.model.answer_text(new), job.stop)
                 finish = "stop" if stopped or token == tokenizer.eos_id else finish
                 ready = text if stopped else settled(text, job.stop)
                 if ready.startswith(sent) and len(ready) > len(sent):
@@ -313,7 +313,7 @@ class Worker:
                     break
         finally:
             tokens.close()  # frees the KV cache now
-        text = cut_at_stop(tokenizer.decode(new), job.stop)[0]
+        text = cut_at_stop(self.model.answer_text(new), job.stop)[0]
         if text.startswith(sent) and len(text) > len(sent):  # held back for a stop string that never came
             job.events.put(("text", text[len(sent):]))
         return finish, len(new)

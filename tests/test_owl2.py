@@ -452,6 +452,34 @@ def test_cli_prints_the_library_greedy_answer_as_its_last_line(model, files):
     assert r.stdout.splitlines()[-1] == expected
 
 
+def test_an_answer_is_given_without_whitespace_at_its_ends_as_the_owl2_scripts_strip_it(model, sp, files,
+                                                                                        monkeypatch):
+    """mPLUG-Owl2's README, cli.py and evaluation scripts hand out tokenizer.decode(...).strip(); v1's README the
+    decoded text as is. An answer that starts and ends with whitespace pieces, through the CLI (streamed and --json)
+    and the server's worker."""
+    import serve
+    pieces = [sp.piece_to_id(p) for p in ("<0x0A>", "\u2581", "<0x0C>")]
+    assert all(i != sp.unk_id() for i in pieces)
+    newline, space, form_feed = pieces
+    answer = [newline, space] + sp.encode("Hi there") + [space, newline, form_feed]
+    raw = model.tokenizer.decode(answer)
+    assert raw != raw.strip() and raw.strip() == "Hi there"
+    monkeypatch.setattr(Owl, "generate", lambda self, *a, **kw: (token for token in answer))  # a generator, as it is
+    r = owl_main("--checkpoint", files / "ckpt", "--prompt", QUESTION, *GREEDY)
+    assert r.returncode == 0 and r.stdout == "Hi there\n", (r.stdout, r.stderr)
+    r = owl_main("--checkpoint", files / "ckpt", "--prompt", QUESTION, "--json", *GREEDY)
+    assert json.loads(r.stdout)["answer"] == "Hi there"
+    worker = serve.Worker.__new__(serve.Worker)  # its answer() alone, without the thread
+    worker.model, worker.stopping = model, serve.threading.Event()
+    job = serve.Job(ids=[1], pixels=None, sampling=Sampling(), stop=[], stream=True, include_usage=False)
+    worker.answer(job)
+    sent = []
+    while not job.events.empty():
+        sent.append(job.events.get()[1])
+    assert "".join(sent) == "Hi there"
+    assert owl.OWL.reply(raw) == raw  # v1 hands out the decoded text as it is
+
+
 def test_cli_json_counts_the_owl2_image_positions(model, files):
     r = owl_main("--checkpoint", files / "ckpt", "--image", files / "img0.png", "--image", files / "img1.png",
                  "--prompt", QUESTION, "--json", *GREEDY)
