@@ -1,5 +1,6 @@
 """Owl's training data: readers of the stage-1 and stage-2 formats, training samples with answer-only labels in the
-model's template, stage 1's augmentation and mPLUG-Owl2's training image transform.
+model's template, stage 1's augmentation and mPLUG-Owl2's training image transform, and the batches train.py makes of
+them: the --data sources mixed by weight, the images read once, micro-batches padded.
 
 Stage 1 reads image-caption JSONL; stage 2 the official mPLUG-Owl JSONL, LLaVA's JSON and Alpaca's JSON (text-only),
 each into one Conversation. A malformed line or a missing image skips that sample with a counted warning.
@@ -7,12 +8,17 @@ each into one Conversation. A malformed line or a missing image skips that sampl
 import json
 import math
 import os
+import random
+import sys
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
+import torch
 from PIL import Image
 
-from owl import IMAGE, IMAGE_ID, OWL, OWL2, SYSTEM, Template, render_turn, tokenize  # noqa: F401 (data.SYSTEM: tests)
+from owl import IMAGE, IMAGE_ID, MAX_PIXELS, OWL, OWL2, Template, UserError, read_image, render_turn, tokenize
+from owl import SYSTEM  # noqa: F401 (data.SYSTEM: tests)
 from vit import ImageTransform
 
 
@@ -262,3 +268,103 @@ class PadToSquare(ImageTransform):
             square.paste(rgb, ((side - w) // 2, (side - h) // 2))
             rgb = square
         return super().__call__(rgb)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Batches: every sample is tokenised once, up front, into (ids, labels, image paths); a step's samples come from
+# one global order that every rank computes alike; images are read when a micro-batch needs them.
+
+def load_samples(specs, stage: int, tokenizer, tokens_per_image: int, seq_len: int,
+                 caption_prompt: str = "", load=load_training_samples) -> list:
+    """[(samples, weight)] for each --data PATH[:WEIGHT]; load(path, stage, tokenizer, tokens_per_image, seq_len,
+    caption_prompt) reads one file (the tiny run passes its own reader of stage-0 text)."""
+    out = []
+    for spec in specs:
+        path, weight = parse_source(spec)
+        if not Path(path).is_file():
+            raise UserError(f"data file {path} does not exist")
+        try:
+            samples = load(path, stage, tokenizer, tokens_per_image, seq_len, caption_prompt)
+        except (ValueError, IndexError, KeyError, TypeError) as e:  # not JSON, or not the stage's format at all
+            raise UserError(f"{path} is not stage-{stage} training data ({type(e).__name__}: {e})")
+        if not samples:
+            raise UserError(f"{path} holds no usable sample")
+        out.append((samples, weight))
+    return out
+
+
+def parse_source(spec: str) -> tuple:
+    """--data PATH or PATH:WEIGHT -> (path, weight). The weight follows the last colon, so a path may hold colons
+    (C:/data/x.json:0.5); a spec naming an existing file, or whose last part is not a number, is all path."""
+    spec = str(spec)
+    head, sep, tail = spec.rpartition(":")
+    if not sep or Path(spec).exists():
+        return spec, 1.0
+    try:
+        weight = float(tail)
+    except ValueError:
+        return spec, 1.0
+    if not (weight > 0 and math.isfinite(weight)):
+        raise UserError(f"--data {spec}: the weight after the last ':' must be a positive number")
+    return head, weight
+
+
+def sample_order(sources, n: int, seed: int):
+    """The global order of samples for the whole run: sources mixed by weight, each shuffled and cycled.
+    Every rank computes the same list, so a step's global batch is known everywhere (and after a resume)."""
+    rng = random.Random(seed)
+    weights = [w for _, w in sources]
+    perms = [list(range(len(s))) for s, _ in sources]
+    cursors = [len(p) for p in perms]
+    order = []
+    for _ in range(n):
+        k = rng.choices(range(len(sources)), weights)[0]
+        if cursors[k] == len(perms[k]):
+            rng.shuffle(perms[k])
+            cursors[k] = 0
+        order.append(sources[k][0][perms[k][cursors[k]]])
+        cursors[k] += 1
+    return order
+
+
+class ImageCache:
+    """Preprocessed pixels by path; kept in memory unless augmenting, since a small run reads each image often."""
+
+    def __init__(self, transform, augment: bool, max_pixels: int = MAX_PIXELS):
+        self.transform, self.augment, self.max_pixels, self.cache, self.failed = transform, augment, max_pixels, {}, 0
+
+    def __call__(self, path: str, rng: random.Random) -> torch.Tensor:
+        if self.augment:
+            return self.transform(augment(read_image(path, self.max_pixels), rng))
+        if path not in self.cache:
+            self.cache[path] = self.transform(read_image(path, self.max_pixels)).half()
+        return self.cache[path].float()
+
+    def blank(self, path: str, rng: random.Random) -> torch.Tensor:
+        """A black image in the place of one that cannot be read, for a micro-batch that must still run."""
+        return torch.zeros(3, self.transform.image_size, self.transform.image_size)
+
+
+def collate(samples, images: ImageCache, rng, device, blank: bool = False):
+    """Pad a micro-batch (right, label -100): (ids, labels, pixels or None, the samples kept). A sample whose image
+    cannot be read (missing, truncated, not an image, over --max-pixels) is skipped and counted; None if none is left.
+    images: an ImageCache (blank=True: black images in place of every image, see fit)."""
+    kept, pixels = [], []
+    for s in samples:
+        try:
+            pixels += [(images.blank if blank else images)(p, rng) for p in s.images]
+            kept.append(s)
+        except UserError as e:
+            images.failed += 1
+            if images.failed == 1:
+                print(f"\ntrain: skipping samples with unreadable images, first: {e}", file=sys.stderr)
+            pixels = pixels[: sum(len(k.images) for k in kept)]
+    if not kept:
+        return None
+    T = max(len(s.ids) for s in kept)
+    ids = torch.full((len(kept), T), 0, dtype=torch.long)
+    labels = torch.full((len(kept), T), -100, dtype=torch.long)
+    for i, s in enumerate(kept):
+        ids[i, : len(s.ids)] = torch.tensor(s.ids)
+        labels[i, : len(s.labels)] = torch.tensor(s.labels)
+    return ids.to(device), labels.to(device), torch.stack(pixels).to(device) if pixels else None, kept

@@ -38,7 +38,7 @@ import data
 import synthetic
 import train
 from llama import Llama, Tokenizer
-from owl import Owl, OwlConfig, load_image, render_prompt
+from owl import Owl, OwlConfig, UserError, load_image, render_prompt
 from vit import ImageTransform, VisionTransformer
 
 
@@ -84,7 +84,7 @@ def shape_sample(tokenizer, segments, seq_len):
 
 
 def load_text(path, stage, tokenizer, tokens_per_image, seq_len, caption_prompt=""):
-    """The f_L's data, in train.load_samples' reader form: a text file a document a line, or JSONL with a "text"
+    """The f_L's data, in data.load_samples' reader form: a text file a document a line, or JSONL with a "text"
     each (a document may span lines, as the chat template does)."""
     if str(path).endswith(".jsonl"):
         docs = [document_segments(r["text"]) for r in read_jsonl(path)]
@@ -118,7 +118,7 @@ def shape_tensor(rows: list, device) -> torch.Tensor:
 def llm_loss(device):
     """train.fit's micro_loss for the f_L: the summed answer loss with shape vectors in place of their slots."""
     def micro_loss(model, samples, rng):
-        ids, labels, _, kept = train.collate(samples, None, rng, device)
+        ids, labels, _, kept = data.collate(samples, None, rng, device)
         inner = model.module if hasattr(model, "module") else model  # the vectors are made outside DDP's forward
         x = shape_embeddings(inner, ids, shape_tensor([w for s in kept for w in s.shapes], device))
         return model(inputs_embeds=x, targets=train.shifted_targets(labels)), ids
@@ -128,8 +128,8 @@ def llm_loss(device):
 def llm_order(sources, steps: int, batch_size: int, drill: int, seed: int) -> list:
     """The f_L's samples, step by step: `drill` batches of the look-up drill alone (the last source), then every
     source mixed by weight."""
-    return (train.sample_order(sources[-1:], drill * batch_size, seed + 1)
-            + train.sample_order(sources, (steps - drill) * batch_size, seed))
+    return (data.sample_order(sources[-1:], drill * batch_size, seed + 1)
+            + data.sample_order(sources, (steps - drill) * batch_size, seed))
 
 
 def pretrain_llm(args, rank: int, world: int, device: str) -> Path:
@@ -150,7 +150,7 @@ def pretrain_llm(args, rank: int, world: int, device: str) -> Path:
     model = Llama(tcfg)
     model.init_weights()
     model = model.to(device)
-    sources = train.load_samples([d / "corpus.txt", f"{d / 'reading.jsonl'}:3", f"{d / 'drill.jsonl'}:2"], 0,
+    sources = data.load_samples([d / "corpus.txt", f"{d / 'reading.jsonl'}:3", f"{d / 'drill.jsonl'}:2"], 0,
                                  tokenizer, 0, cfg.seq_len, load=load_text)
     drill = min(args.drill_steps, cfg.steps)
     order = llm_order(sources, cfg.steps, cfg.batch_size, drill, cfg.seed)
@@ -475,6 +475,8 @@ def main(argv=None) -> None:
     try:
         pretrain_llm(args, rank, world, device)
         pretrain_vision(args, rank, world, device)
+    except UserError as e:  # an unusable data file or train_state.pt for --resume
+        train.fail(e.args[0])
     finally:
         if world > 1:
             dist.destroy_process_group()

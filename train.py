@@ -26,9 +26,7 @@ import argparse
 import json
 import math
 import os
-import pickle
 import random
-import signal
 import sys
 import time
 import warnings
@@ -45,8 +43,9 @@ from tqdm import tqdm
 
 import data
 import lora
+import resume
 from llama import Llama, RMSNorm, Tokenizer, cpu_bf16_flags
-from owl import MAX_PIXELS, Owl, OwlConfig, UserError, read_image
+from owl import MAX_PIXELS, Owl, OwlConfig, UserError
 from plot import plot_losses
 from vit import VisionTransformer
 
@@ -230,103 +229,7 @@ def find_tokenizer(cfg: TrainConfig, stage: int) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Data: every sample is tokenised once, up front, into (ids, labels, image paths).
-
-def load_samples(specs, stage: int, tokenizer: Tokenizer, tokens_per_image: int, seq_len: int,
-                 caption_prompt: str = "", load=data.load_training_samples) -> list:
-    """[(samples, weight)] for each --data PATH[:WEIGHT]; load(path, stage, tokenizer, tokens_per_image, seq_len,
-    caption_prompt) reads one file (the tiny run passes its own reader of stage-0 text)."""
-    out = []
-    for spec in specs:
-        path, weight = parse_source(spec)
-        if not Path(path).is_file():
-            fail(f"data file {path} does not exist")
-        try:
-            samples = load(path, stage, tokenizer, tokens_per_image, seq_len, caption_prompt)
-        except (ValueError, IndexError, KeyError, TypeError) as e:  # not JSON, or not the stage's format at all
-            fail(f"{path} is not stage-{stage} training data ({type(e).__name__}: {e})")
-        if not samples:
-            fail(f"{path} holds no usable sample")
-        out.append((samples, weight))
-    return out
-
-
-def parse_source(spec: str) -> tuple:
-    """--data PATH or PATH:WEIGHT -> (path, weight). The weight follows the last colon, so a path may hold colons
-    (C:/data/x.json:0.5); a spec naming an existing file, or whose last part is not a number, is all path."""
-    spec = str(spec)
-    head, sep, tail = spec.rpartition(":")
-    if not sep or Path(spec).exists():
-        return spec, 1.0
-    try:
-        weight = float(tail)
-    except ValueError:
-        return spec, 1.0
-    if not (weight > 0 and math.isfinite(weight)):
-        fail(f"--data {spec}: the weight after the last ':' must be a positive number")
-    return head, weight
-
-
-def sample_order(sources, n: int, seed: int):
-    """The global order of samples for the whole run: sources mixed by weight, each shuffled and cycled.
-    Every rank computes the same list, so a step's global batch is known everywhere (and after a resume)."""
-    rng = random.Random(seed)
-    weights = [w for _, w in sources]
-    perms = [list(range(len(s))) for s, _ in sources]
-    cursors = [len(p) for p in perms]
-    order = []
-    for _ in range(n):
-        k = rng.choices(range(len(sources)), weights)[0]
-        if cursors[k] == len(perms[k]):
-            rng.shuffle(perms[k])
-            cursors[k] = 0
-        order.append(sources[k][0][perms[k][cursors[k]]])
-        cursors[k] += 1
-    return order
-
-
-class ImageCache:
-    """Preprocessed pixels by path; kept in memory unless augmenting, since a small run reads each image often."""
-
-    def __init__(self, transform, augment: bool, max_pixels: int = MAX_PIXELS):
-        self.transform, self.augment, self.max_pixels, self.cache, self.failed = transform, augment, max_pixels, {}, 0
-
-    def __call__(self, path: str, rng: random.Random) -> torch.Tensor:
-        if self.augment:
-            return self.transform(data.augment(read_image(path, self.max_pixels), rng))
-        if path not in self.cache:
-            self.cache[path] = self.transform(read_image(path, self.max_pixels)).half()
-        return self.cache[path].float()
-
-    def blank(self, path: str, rng: random.Random) -> torch.Tensor:
-        """A black image in the place of one that cannot be read, for a micro-batch that must still run."""
-        return torch.zeros(3, self.transform.image_size, self.transform.image_size)
-
-
-def collate(samples, images: ImageCache, rng, device, blank: bool = False):
-    """Pad a micro-batch (right, label -100): (ids, labels, pixels or None, the samples kept). A sample whose image
-    cannot be read (missing, truncated, not an image, over --max-pixels) is skipped and counted; None if none is left.
-    images: an ImageCache (blank=True: black images in place of every image, see fit)."""
-    kept, pixels = [], []
-    for s in samples:
-        try:
-            pixels += [(images.blank if blank else images)(p, rng) for p in s.images]
-            kept.append(s)
-        except UserError as e:
-            images.failed += 1
-            if images.failed == 1:
-                print(f"\ntrain: skipping samples with unreadable images, first: {e}", file=sys.stderr)
-            pixels = pixels[: sum(len(k.images) for k in kept)]
-    if not kept:
-        return None
-    T = max(len(s.ids) for s in kept)
-    ids = torch.full((len(kept), T), 0, dtype=torch.long)
-    labels = torch.full((len(kept), T), -100, dtype=torch.long)
-    for i, s in enumerate(kept):
-        ids[i, : len(s.ids)] = torch.tensor(s.ids)
-        labels[i, : len(s.labels)] = torch.tensor(s.labels)
-    return ids.to(device), labels.to(device), torch.stack(pixels).to(device) if pixels else None, kept
-
+# The loss: each position predicts the next token, on the answers only
 
 def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
     """Position t predicts token t + 1: the labels moved one to the left, -100 (no loss) at the end."""
@@ -341,94 +244,13 @@ def summed_loss(model, ids, labels, pixels):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Checkpoints: written to a temporary file, then renamed, so a crash mid-save leaves the previous one intact.
-
-def atomic_save(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")  # a stale one, left by a killed save, is simply overwritten
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        # On disk before the rename: otherwise a power loss can persist the rename but not the data, leaving an
-        # empty or partial file under the final name where the previous checkpoint used to be.
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    if os.name == "posix":  # and the rename itself, which lives in the folder's entry
-        folder = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(folder)
-        finally:
-            os.close(folder)
-
-
-def trainable_state(model) -> dict:
-    return {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
-
+# Optimisation: what a resumed run must share, AdamW's groups, the lr schedule, the FLOPs of a step
 
 def run_signature(cfg: TrainConfig, stage: int, model_cfg: dict) -> dict:
     """What must match for --resume to continue a run: the stage, the model and the optimisation settings."""
     keep = ("steps", "batch_size", "lr", "abstractor_lr_scale", "seq_len", "lora_r", "lora_alpha", "lora_targets", "freeze_abstractor",
             "seed", "weight_decay", "warmup", "grad_clip", "lora_dropout", "augment", "caption_prompt")
     return {"stage": stage, "model": model_cfg, **{k: getattr(cfg, k) for k in keep}}
-
-
-def differences(saved: dict, now: dict, prefix: str = "") -> list:
-    """'NAME A in the checkpoint vs B now' for each setting that differs; model fields by their dotted name."""
-    out = []
-    for k in list(now) + [k for k in saved if k not in now]:
-        a, b = saved.get(k), now.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += differences(a, b, f"{prefix}{k}.")
-        elif isinstance(a, dict) or isinstance(b, dict):
-            out.append(f"{prefix}{k} differs")
-        elif a != b:
-            out.append(f"{prefix}{k} {a!r} in the checkpoint vs {b!r} now")
-    return out
-
-
-def resume_from(path: Path, signature: dict, model, opt, rank: int = 0, device: str = "cpu") -> tuple:
-    """Put back the trainable parameters, the optimizer and this rank's random state saved in train_state.pt; returns
-    (step, skipped steps). A state made with other settings is refused, naming each difference."""
-    if not path.exists():
-        print(f"train: --resume: there is no {path} yet, so the stage starts at step 0", file=sys.stderr)
-        return 0, 0
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        saved = state["signature"]
-    except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, TypeError) as e:
-        fail(f"--resume refused: {path} is not a train_state.pt Owl can read ({type(e).__name__}); move it away "
-             "to start the stage over")
-    diff = differences(saved, signature)
-    if diff:
-        shown = "; ".join(diff[:4]) + (f"; and {len(diff) - 4} more" if len(diff) > 4 else "")
-        fail(f"--resume refused: {path} was made with other settings ({shown}); pass the same settings, or start "
-             "anew in another --out-dir")
-    named = dict(model.named_parameters())
-    with torch.no_grad():
-        for n, t in state["trainable"].items():
-            named[n].copy_(t)
-    opt.load_state_dict(state["optimizer"])
-    rngs = state["rng"] if isinstance(state["rng"], list) else [{"cpu": state["rng"], "cuda": None}]  # an older file
-    mine = rngs[min(rank, len(rngs) - 1)]
-    torch.set_rng_state(mine["cpu"])
-    if mine["cuda"] is not None and str(device).startswith("cuda"):
-        torch.cuda.set_rng_state(mine["cuda"], device)
-    return state["step"], state["skipped"]
-
-
-def open_log(path: Path, step: int):
-    """metrics.jsonl: fresh for a fresh run; on resume, cut back to the saved step, since a run killed after its last
-    save logged steps that the resumed run does again (a line cut short by the kill goes too)."""
-    kept = []
-    if step and path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                if json.loads(line)["step"] <= step:
-                    kept.append(line + "\n")
-            except (ValueError, KeyError, TypeError):
-                pass
-    log = open(path, "w")
-    log.write("".join(kept))
-    return log
 
 
 def param_groups(model, cfg: TrainConfig) -> list:
@@ -523,18 +345,18 @@ def train_stage(cfg: TrainConfig, stage: int, rank: int, world: int, device: str
     model = build_model(cfg, stage, tokenizer, device, dtype)
     tpi = model.cfg.tokens_per_image
     read = partial(data.load_training_samples, template=model.cfg.template)  # each conversation in the model's own
-    sources = load_samples(cfg.data, stage, tokenizer, tpi, cfg.seq_len, cfg.caption_prompt, read)
-    order = sample_order(sources, cfg.steps * cfg.batch_size, cfg.seed + stage)
-    images = ImageCache(training_transform(model), cfg.augment and stage == 1, cfg.max_pixels)
+    sources = data.load_samples(cfg.data, stage, tokenizer, tpi, cfg.seq_len, cfg.caption_prompt, read)
+    order = data.sample_order(sources, cfg.steps * cfg.batch_size, cfg.seed + stage)
+    images = data.ImageCache(training_transform(model), cfg.augment and stage == 1, cfg.max_pixels)
     # the trained parameters that a micro-batch without images (stage 2's text-only instructions) leaves out
     idle = [p for part in (model.vision_model, model.abstractor) for p in part.parameters() if p.requires_grad]
 
     def micro_loss(ddp_model, samples, rng):
-        batch, weight = collate(samples, images, rng, device), 1.0
+        batch, weight = data.collate(samples, images, rng, device), 1.0
         if batch is None:
             # Every image of this micro-batch unreadable: its samples still go through, with blank images and no
             # weight, since every rank must run each backward that DDP synchronises, or the others wait.
-            batch, weight = collate(samples, images, rng, device, blank=True), 0.0
+            batch, weight = data.collate(samples, images, rng, device, blank=True), 0.0
         ids, labels, pixels, _ = batch
         loss = summed_loss(ddp_model, ids, labels, pixels) * weight
         if pixels is None and idle:
@@ -545,7 +367,7 @@ def train_stage(cfg: TrainConfig, stage: int, rank: int, world: int, device: str
 
     val = None
     if cfg.val_data:
-        val_samples = load_samples([cfg.val_data], stage, tokenizer, tpi, cfg.seq_len, cfg.caption_prompt, read)[0][0]
+        val_samples = data.load_samples([cfg.val_data], stage, tokenizer, tpi, cfg.seq_len, cfg.caption_prompt, read)[0][0]
         val = lambda: validation_loss(model, val_samples[:256], micro_loss)  # noqa: E731
     frozen = [model.language_model] if stage == 1 else [model.vision_model] + (
         [model.abstractor] if cfg.freeze_abstractor else [])
@@ -631,38 +453,6 @@ def wrap_ddp(model, params: list, world: int, device: str):
     return ddp_model
 
 
-class StopRequest:
-    """SIGTERM or a first Ctrl-C asks to stop (.asked): the step under way finishes, then the state is saved. A
-    second Ctrl-C raises KeyboardInterrupt at once and saves nothing, since the step it lands in may be half applied."""
-
-    def __enter__(self):
-        self.asked = False
-        self.handlers = {sig: signal.signal(sig, self.ask) for sig in (signal.SIGTERM, signal.SIGINT)}
-        return self
-
-    def ask(self, *_):
-        self.asked = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    def __exit__(self, *_):
-        for sig, handler in self.handlers.items():
-            signal.signal(sig, handler)
-
-
-def save_state(path: Path, model, opt, signature: dict, step: int, skipped: int, rank: int, world: int,
-               device: str) -> int:
-    """train_state.pt for --resume, with the random state of every rank (dropout, augmentation), CPU and CUDA, so
-    that each resumes its own stream. Every rank calls it (the states are gathered); rank 0 writes. Returns step."""
-    on_cuda = device.startswith("cuda")
-    rngs = [{"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if on_cuda else None}] * world
-    if world > 1:
-        dist.all_gather_object(rngs, rngs[0])
-    if rank == 0:
-        atomic_save({"signature": signature, "trainable": trainable_state(model), "optimizer": opt.state_dict(),
-                     "step": step, "skipped": skipped, "rng": rngs}, path)
-    return step
-
-
 def train_step(ddp_model, opt, params: list, cfg: TrainConfig, step: int, batch: list, rank: int, world: int,
                micro: int, micro_loss, autocast, stop_asked: bool, bad_images, device: str) -> dict:
     """Step number step of AdamW on this rank's share of the global batch, a micro-batch at a time, the gradients
@@ -718,7 +508,7 @@ def fit(model, cfg: TrainConfig, order: list, micro_loss, out: Path, name: str, 
     opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=(0.9, 0.95), fused=on_cuda)
     step, skipped, state_path = 0, 0, out / "train_state.pt"
     if cfg.resume:
-        step, skipped = resume_from(state_path, signature, model, opt, rank, device)
+        step, skipped = resume.resume_from(state_path, signature, model, opt, rank, device)
         if master and step:
             print(f"resuming {name} at step {step}", file=sys.stderr)
     saved_at = step if step else None  # the step train_state.pt holds
@@ -745,10 +535,10 @@ def fit(model, cfg: TrainConfig, order: list, micro_loss, out: Path, name: str, 
 
     train_mode()
     bar = tqdm(total=cfg.steps, initial=step, disable=not master, desc=name, dynamic_ncols=True)
-    log = open_log(out / "metrics.jsonl", step) if master else None
+    log = resume.open_log(out / "metrics.jsonl", step) if master else None
     stopping, bad_in_a_row = False, 0
     try:
-        with StopRequest() as stop:
+        with resume.StopRequest() as stop:
             while step < cfg.steps and not stopping and bad_in_a_row < cfg.max_bad_steps:
                 t0 = time.time()
                 batch = order[step * cfg.batch_size: (step + 1) * cfg.batch_size]
@@ -764,7 +554,7 @@ def fit(model, cfg: TrainConfig, order: list, micro_loss, out: Path, name: str, 
                              r["tokens"] * world / dt, skipped, r["bad_images"], flops * world / dt / peak if peak else None)
                 # only after a good step, so that train_state.pt always holds the state a good step left
                 if cfg.save_every and step % cfg.save_every == 0 and not bad_in_a_row:
-                    saved_at = save_state(state_path, model, opt, signature, step, skipped, rank, world, device)
+                    saved_at = resume.save_state(state_path, model, opt, signature, step, skipped, rank, world, device)
                 if cfg.eval_every and step % cfg.eval_every == 0:
                     log_validation()
     except KeyboardInterrupt:
@@ -781,7 +571,7 @@ def fit(model, cfg: TrainConfig, order: list, micro_loss, out: Path, name: str, 
             print(f"train: stopped at step {step} after {bad_in_a_row} steps in a row with a NaN or infinite loss "
                   f"or gradient norm; {kept} (try a lower --lr, or check the data)", file=sys.stderr)
         sys.exit(1)
-    save_state(state_path, model, opt, signature, step, skipped, rank, world, device)  # on a stop too, for --resume
+    resume.save_state(state_path, model, opt, signature, step, skipped, rank, world, device)  # on a stop too, for --resume
     if master:
         if not stopping:
             log_validation()
@@ -836,6 +626,8 @@ def main(argv=None) -> None:
             train_stage(cfg, stage, rank, world, device)
             if world > 1:
                 dist.barrier()
+    except UserError as e:  # bad --data, an unusable train_state.pt for --resume, ...
+        fail(e.args[0])
     finally:
         if world > 1:
             dist.destroy_process_group()

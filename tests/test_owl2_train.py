@@ -70,7 +70,7 @@ def run(tmp_path_factory, tokenizer_model):
     init = tiny_owl2_folder(d / "init", tokenizer_model)
     llava, alpaca = write_data(d)
     rec = {}
-    build, export, cache = train.build_model, train.export, train.ImageCache
+    build, export, cache = train.build_model, train.export, data.ImageCache
 
     def recording_build(*args, **kwargs):
         model = build(*args, **kwargs)
@@ -93,7 +93,7 @@ def run(tmp_path_factory, tokenizer_model):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(train, "build_model", recording_build)
         mp.setattr(train, "export", recording_export)
-        mp.setattr(train, "ImageCache", RecordingCache)
+        mp.setattr(data, "ImageCache", RecordingCache)
         train.main(["--stage", "2", "--init", str(init), "--data", str(llava), "--data", f"{alpaca}:0.5",
                     "--out-dir", str(d / "runs"), "--steps", "2", "--batch-size", "4", "--seq-len", "128",
                     "--weight-decay", "0", "--lora-dropout", "0", "--device", "cpu"])

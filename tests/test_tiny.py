@@ -15,7 +15,6 @@ sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 import synthetic  # noqa: E402
 import tiny  # noqa: E402
-import train  # noqa: E402
 from llama import Llama, Tokenizer  # noqa: E402
 from owl import OwlConfig  # noqa: E402
 from vit import ImageTransform, VisionTransformer  # noqa: E402
@@ -84,7 +83,7 @@ def test_a_shape_mark_becomes_one_input_vector_the_sum_of_its_word_embeddings(to
 
     model = Llama(OwlConfig.preset("tiny").text)
     model.init_weights()
-    ids, labels, _, kept = train.collate([sample, sample], None, None, "cpu")
+    ids, labels, _, kept = data.collate([sample, sample], None, None, "cpu")
     x = tiny.shape_embeddings(model, ids, tiny.shape_tensor([w for s in kept for w in s.shapes], "cpu"))
     table = model.model.embed_tokens.weight
     slots = [i for i, t in enumerate(sample.ids) if t == synthetic.SHAPE_ID]
@@ -100,7 +99,7 @@ def test_a_shape_mark_becomes_one_input_vector_the_sum_of_its_word_embeddings(to
 
 def test_the_llm_drills_the_look_up_first_then_trains_on_the_whole_mix(synth, tok):
     """--drill-steps N: the first N global batches are drill chats alone, the rest mix every source."""
-    sources = train.load_samples([synth / "corpus.txt", f"{synth / 'reading.jsonl'}:3", f"{synth / 'drill.jsonl'}:2"],
+    sources = data.load_samples([synth / "corpus.txt", f"{synth / 'reading.jsonl'}:3", f"{synth / 'drill.jsonl'}:2"],
                                  0, tok, 0, 256, load=tiny.load_text)
     drill = {id(s) for s in sources[-1][0]}
     order = tiny.llm_order(sources, 6, 8, 4, 1337)

@@ -22,12 +22,13 @@ sys.path.insert(0, str(ROOT))
 
 import data  # noqa: E402
 import plot  # noqa: E402
+import resume  # noqa: E402
 import synthetic  # noqa: E402
 import train  # noqa: E402
 from conftest import (SMALL, TIMEOUT, TRAIN_ENV as ENV, run_script, stage1_args, stage2_args,  # noqa: E402
                       subprocess_run, write_huge_png)
 from llama import LlamaConfig, Tokenizer  # noqa: E402
-from owl import IMAGE_ID, Owl, render_prompt, tokenize  # noqa: E402
+from owl import IMAGE_ID, Owl, UserError, render_prompt, tokenize  # noqa: E402
 
 
 def run(*args, check=True):
@@ -339,7 +340,7 @@ def test_a_rank_whose_micro_batches_hold_only_unreadable_images_still_trains_in_
     (tmp_path / "c.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
     cfg = train.TrainConfig(steps=2, batch_size=4)
     # the line behind each sample, step by step, as train_stage orders stage 1's samples
-    order = train.sample_order([(list(range(len(lines))), 1.0)], cfg.steps * cfg.batch_size, cfg.seed + 1)
+    order = data.sample_order([(list(range(len(lines))), 1.0)], cfg.steps * cfg.batch_size, cfg.seed + 1)
     rank1_step1 = set(order[2:4])
     assert not rank1_step1 & set(order[:2] + order[4:])  # so only rank 1's micro-batches of step 1 lose their images
     for i in rank1_step1:
@@ -447,9 +448,9 @@ def test_missing_and_corrupt_images_skip_their_samples(tmp_path, synth, tok):
     assert len(samples) == 4 and "\n" not in "".join(text)
     assert any("skipped 1 malformed of 6 entries (first: line 5: JSONDecodeError" in t for t in text), text
     assert any("skipped 1 samples whose image file is missing" in t for t in text), text
-    cache = train.ImageCache(ImageTransform(32), augment=False)
+    cache = data.ImageCache(ImageTransform(32), augment=False)
     start = time.perf_counter()
-    ids, labels, pixels, _ = train.collate(samples, cache, _random.Random(0), "cpu")
+    ids, labels, pixels, _ = data.collate(samples, cache, _random.Random(0), "cpu")
     assert ids.shape[0] == 2 and pixels.shape == (2, 3, 32, 32) and cache.failed == 2
     assert time.perf_counter() - start < 1.0  # the 400-megapixel image was not decoded
 
@@ -652,19 +653,18 @@ def test_help_explains_every_flag(capsys):
     assert len(train._field_comments()) == len(train.fields(train.TrainConfig))
 
 
-def test_data_weights_follow_the_last_colon_and_bad_weights_are_refused(tmp_path, capsys):
+def test_data_weights_follow_the_last_colon_and_bad_weights_are_refused(tmp_path):
     colon = tmp_path / "a:b.jsonl"  # a file name with a colon in it
     colon.write_text("")
-    assert train.parse_source("x.json") == ("x.json", 1.0)
-    assert train.parse_source("x.json:0.3") == ("x.json", 0.3)
-    assert train.parse_source("C:/data/x.json:2") == ("C:/data/x.json", 2.0)
-    assert train.parse_source(str(colon)) == (str(colon), 1.0)
-    assert train.parse_source(f"{colon}:0.5") == (str(colon), 0.5)
-    assert train.parse_source("dir:name/x.json") == ("dir:name/x.json", 1.0)
-    for bad in ("x.json:0", "x.json:-1", "x.json:nan"):
-        with pytest.raises(SystemExit) as e:
-            train.parse_source(bad)
-        assert e.value.code == 2 and "positive number" in capsys.readouterr().err
+    assert data.parse_source("x.json") == ("x.json", 1.0)
+    assert data.parse_source("x.json:0.3") == ("x.json", 0.3)
+    assert data.parse_source("C:/data/x.json:2") == ("C:/data/x.json", 2.0)
+    assert data.parse_source(str(colon)) == (str(colon), 1.0)
+    assert data.parse_source(f"{colon}:0.5") == (str(colon), 0.5)
+    assert data.parse_source("dir:name/x.json") == ("dir:name/x.json", 1.0)
+    for bad in ("x.json:0", "x.json:-1", "x.json:nan"):  # train.main turns the error into its one sentence, exit 2
+        with pytest.raises(UserError, match=f"--data {bad}: the weight after the last ':' must be a positive number"):
+            data.parse_source(bad)
 
 
 def test_max_pixels_skips_and_counts_training_images_over_the_limit(no_dropout, tmp_path, capsys):
@@ -706,7 +706,7 @@ def test_a_state_save_is_on_disk_before_it_replaces_the_last_one(tmp_path, monke
     monkeypatch.setattr(os, "replace", replace)
     path = tmp_path / "train_state.pt"
     path.write_bytes(b"the last state")
-    train.atomic_save({"x": torch.arange(1000)}, path)
+    resume.atomic_save({"x": torch.arange(1000)}, path)
     assert events == [("fsync", path.stat().st_ino, path.stat().st_size),
                       ("replace", "train_state.pt.tmp", "train_state.pt"), ("fsync", tmp_path.stat().st_ino, "folder")]
     assert torch.equal(torch.load(path, weights_only=True)["x"], torch.arange(1000))
