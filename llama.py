@@ -460,18 +460,20 @@ class Llama(nn.Module):
         return self.lm_head(self.model.norm(x)).float()
 
     @torch.no_grad()
-    def pack_for_inference(self) -> "Llama":
+    def pack_for_inference(self, others=()) -> "Llama":
         """For generation only: each Linear whose weight multiplies a vector faster packed (timed on this machine
         for its shape, see packs_faster) keeps its weight packed from now on, in place of the plain one. Prefill and
         decode then both run oneDNN's product on the packed weights (the same arithmetic as F.linear's). The model
-        can no longer be trained or saved: load it again for that."""
+        can no longer be trained or saved: load it again for that. others: modules loaded from the same checkpoint
+        files (Owl's f_V and f_K), copied out of them too when anything is packed."""
         todo = [m for m in self.modules() if type(m) is Linear and packable(m.weight) and packs_faster(m.weight)]
         if todo:
             # A loaded weight may still be a view of the checkpoint's memory-mapped file (iter_tensors), which stays
             # mapped, and counted as resident, while any tensor views it. So the weights not packed are copied out
             # first, and the rest packed in the order they lie in memory: each file is let go once its last weight
             # is packed, before the next is read, and memory stays near one copy of the weights.
-            keep_plain(self, skip={id(m.weight) for m in todo})
+            for module in (*others, self):
+                keep_plain(module, skip={id(m.weight) for m in todo})
             for m in sorted(todo, key=lambda m: m.weight.data_ptr()):
                 m.weight = nn.Parameter(pack(m.weight), requires_grad=False)
         return self

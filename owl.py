@@ -30,8 +30,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 
 from abstractor import AbstractorConfig, VisualAbstractor
-from llama import (Llama, LlamaConfig, Tokenizer, build_empty, iter_tensors, keep_plain, load_into, packable,
-                   read_json)
+from llama import Llama, LlamaConfig, Tokenizer, build_empty, iter_tensors, load_into, read_json
 from vit import ImageTransform, ViTConfig, VisionTransformer
 
 # --------------------------------------------------------------------------------------------------------------
@@ -425,10 +424,7 @@ class Owl(nn.Module):
         """f_L's bf16 weights packed where that multiplies faster on this CPU (Llama.pack_for_inference): owl-7b
         decodes about twice as fast (2-core AMD EPYC; docs/speed.md). For answering only: a packed model cannot be
         trained or saved."""
-        if any(packable(p) for p in self.language_model.parameters()):
-            keep_plain(self.vision_model)  # first, so that no shard of the checkpoint stays mapped for f_V or f_K
-            keep_plain(self.abstractor)
-        self.language_model.pack_for_inference()
+        self.language_model.pack_for_inference(others=(self.vision_model, self.abstractor))
         return self
 
     def save_pretrained(self, folder, tokenizer_model=None, max_shard_bytes: int = 0, safe: bool = True) -> None:

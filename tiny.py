@@ -151,7 +151,7 @@ def pretrain_llm(args, rank: int, world: int, device: str) -> Path:
     model.init_weights()
     model = model.to(device)
     sources = data.load_samples([d / "corpus.txt", f"{d / 'reading.jsonl'}:3", f"{d / 'drill.jsonl'}:2"], 0,
-                                 tokenizer, 0, cfg.seq_len, load=load_text)
+                                tokenizer, 0, cfg.seq_len, load=load_text)
     drill = min(args.drill_steps, cfg.steps)
     order = llm_order(sources, cfg.steps, cfg.batch_size, drill, cfg.seed)
     val = d / "val_corpus.txt"
