@@ -315,16 +315,18 @@ class Attention(nn.Module):
         k = routed(self.k_proj, x, route).view(B, T, self.cfg.num_kv_heads, hd).transpose(1, 2)  # (B, kv_heads, T, hd)
         v = routed(self.v_proj, x, route).view(B, T, self.cfg.num_kv_heads, hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self.cache_k is not None:  # write this step into the pre-allocated cache, attend to all of it so far
+        if self.cache_k is not None:  # write this step into the pre-allocated cache
             self.cache_k[:B, :, start_pos: start_pos + T] = k
             self.cache_v[:B, :, start_pos: start_pos + T] = v
-            k, v = self.cache_k[:B, :, : start_pos + T], self.cache_v[:B, :, : start_pos + T]
+            if start_pos > 0:  # attend to all of it so far, in the cache's dtype (see Llama.setup_cache)
+                k, v = self.cache_k[:B, :, : start_pos + T], self.cache_v[:B, :, : start_pos + T]
+                q = q.to(k.dtype)
         gqa = self.cfg.num_kv_heads != self.cfg.num_heads
         if mask is None:  # a causal prefill from position 0, or one new token that may see everything before it
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        return self.o_proj(y.to(x.dtype).transpose(1, 2).reshape(B, T, -1))
 
 
 class MLP(nn.Module):
@@ -479,13 +481,18 @@ class Llama(nn.Module):
         return self
 
     def setup_cache(self, batch_size: int, max_len: int = 0) -> None:
-        """Pre-allocate every layer's KV cache once, so decoding writes in place instead of concatenating."""
+        """Pre-allocate every layer's KV cache once, so decoding writes in place instead of concatenating.
+        A bf16 or fp16 model on CPU keeps its cache in float32, and a new token attends in float32: PyTorch's CPU
+        attention of one query is 2-4x slower in bf16 than in float32 (docs/speed.md). The keys and values are the
+        bf16 ones exactly; only the attention's own sums are finer. It costs twice the cache's memory (a 7B model:
+        1 MB a position instead of 0.5)."""
         max_len = max_len or self.cfg.max_position_embeddings
         p = self.lm_head.weight
+        dtype = torch.float32 if p.device.type == "cpu" and p.dtype in (torch.bfloat16, torch.float16) else p.dtype
         shape = (batch_size, self.cfg.num_kv_heads, max_len, self.cfg.head_dim)
         for layer in self.model.layers:
-            layer.self_attn.cache_k = torch.zeros(shape, dtype=p.dtype, device=p.device)
-            layer.self_attn.cache_v = torch.zeros(shape, dtype=p.dtype, device=p.device)
+            layer.self_attn.cache_k = torch.zeros(shape, dtype=dtype, device=p.device)
+            layer.self_attn.cache_v = torch.zeros(shape, dtype=dtype, device=p.device)
 
     def clear_cache(self) -> None:
         for layer in self.model.layers:
