@@ -132,10 +132,11 @@ def llm_order(sources, steps: int, batch_size: int, drill: int, seed: int) -> li
             + data.sample_order(sources, (steps - drill) * batch_size, seed))
 
 
-def pretrain_llm(args, rank: int, world: int, device: str) -> Path:
+def pretrain_llm(args, rank: int, world: int, device: str, before_each=None) -> Path:
     """The tiny f_L, from scratch: --drill-steps batches of the look-up drill alone (drill.jsonl; finding a shape
     by its name forms there), then the mix of corpus.txt, reading.jsonl and drill.jsonl; written to OUT/llm as an
-    HF LLaMA folder, then asked the held-out questions with each scene given as shape vectors."""
+    HF LLaMA folder, then asked the held-out questions with each scene given as shape vectors. before_each: called
+    before every micro-batch's loss (pretrain_side_by_side's check for the f_V's end)."""
     d, out = Path(args.data_dir), Path(args.out_dir) / "llm"
     cfg = train.TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=max(1, args.steps // 20),
                             seq_len=args.seq_len, seed=args.seed, resume=args.resume, micro_batch=args.micro_batch,
@@ -157,6 +158,10 @@ def pretrain_llm(args, rank: int, world: int, device: str) -> Path:
     val = d / "val_corpus.txt"
     val_samples = load_text(val, 0, tokenizer, 0, cfg.seq_len)[:256] if val.is_file() else []
     loss = llm_loss(device)
+    if before_each:
+        def loss(*a, micro_loss=loss):
+            before_each()
+            return micro_loss(*a)
     train.fit(model, cfg, order, loss, out, "f_L", rank, world, device,
               signature=train.run_signature(cfg, 0, {"llm": vars(tcfg), "drill_steps": drill}),
               validate=(lambda: train.validation_loss(model, val_samples, loss)) if val_samples else None)
@@ -317,15 +322,19 @@ def pretrain_vision(args, rank: int, world: int, device: str, bar_line: int = 0)
 def pretrain_side_by_side(args) -> None:
     """On a CPU, the f_V trains in a second process while the f_L trains in this one, each on half the threads: the
     tiny models' small matrix products gain little from a second thread (150 f_L steps: 51 s on one thread of the
-    2-core AMD EPYC, 43 s on two), so the two at once take about a third less time than one after the other. They
-    share nothing (the f_V needs no f_L); the f_L's arithmetic does not depend on its thread count, the f_V's does."""
+    2-core AMD EPYC, 43 s on two), so the two at once take less time than one after the other. They share nothing
+    (the f_V needs no f_L). The f_V, the shorter, ends first; the f_L then takes back every thread."""
     threads = torch.get_num_threads()
     vision = torch.multiprocessing.get_context("spawn").Process(target=_pretrain_vision_alone,
                                                                 args=(args, threads // 2), daemon=True)
     vision.start()
     torch.set_num_threads(threads - threads // 2)
+
+    def take_back_threads():
+        if torch.get_num_threads() < threads and not vision.is_alive():
+            torch.set_num_threads(threads)
     try:
-        pretrain_llm(args, 0, 1, "cpu")
+        pretrain_llm(args, 0, 1, "cpu", before_each=take_back_threads)
     except BaseException:  # an error or Ctrl-C here stops the f_V too
         vision.terminate()
         raise

@@ -1,7 +1,9 @@
 """The tiny run's wing (tiny.py): the stand-ins for LLaMA-7B and CLIP written in the formats train.py's --llm-init
 and --vit-init read, the shape vectors of the f_L's chats, the look-up drill, the f_V's labelled scenes, scoring."""
 import json
+import os
 import random
+import subprocess
 import sys
 from pathlib import Path
 
@@ -13,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import data  # noqa: E402
+from conftest import SMALL, TIMEOUT  # noqa: E402
 import synthetic  # noqa: E402
 import tiny  # noqa: E402
 from llama import Llama, Tokenizer  # noqa: E402
@@ -244,3 +247,24 @@ def test_the_vision_pretraining_trains_each_step_on_a_batch_of_its_own(synth, tm
     tiny.pretrain_vision(args, 0, 1, "cpu")
     assert len(seen) == steps and all(len(b) == per_step for b in seen)
     assert len(set(seen)) == steps  # no batch trained twice (each step's augmentation draws differ)
+
+
+def test_the_stand_ins_trained_side_by_side_are_those_trained_one_after_the_other(synth, tmp_path):
+    """With two threads, `pretrain` trains the f_V in a second process beside the f_L, one thread each, and the f_L
+    takes both back once the f_V is done; with one, it trains them in turn. The f_V, on one thread either way, is
+    the same bit for bit; the f_L learns the same, up to the order its sums take over one or two threads."""
+    runs = {}
+    for threads in ("2", "1"):
+        out = tmp_path / threads
+        p = subprocess.run([sys.executable, str(ROOT / "tiny.py"), "pretrain", "--data-dir", str(synth), "--out-dir",
+                            str(out), "--steps", "6", "--drill-steps", "2", "--vision-steps", "3", "--eval-samples",
+                            "4", *SMALL], env={**os.environ, "OMP_NUM_THREADS": threads},
+                           capture_output=True, text=True, timeout=TIMEOUT)
+        assert p.returncode == 0, p.stderr[-3000:]
+        losses = [json.loads(line)["loss"] for line in (out / "llm" / "metrics.jsonl").read_text().splitlines()
+                  if '"loss"' in line]
+        runs[threads] = losses, load_file(out / "vit" / "model.safetensors")
+    (losses, vit), (losses_1, vit_1) = runs["2"], runs["1"]
+    assert vit.keys() == vit_1.keys() and all(torch.equal(vit[k], vit_1[k]) for k in vit)
+    assert len(losses) == len(losses_1) == 6
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(losses_1), rtol=1e-4, atol=0)
