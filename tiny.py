@@ -322,8 +322,9 @@ def pretrain_vision(args, rank: int, world: int, device: str, bar_line: int = 0)
 def pretrain_side_by_side(args) -> None:
     """On a CPU, the f_V trains in a second process while the f_L trains in this one, each on half the threads: the
     tiny models' small matrix products gain little from a second thread (150 f_L steps: 51 s on one thread of the
-    2-core AMD EPYC, 43 s on two), so the two at once take less time than one after the other. They share nothing
-    (the f_V needs no f_L). The f_V, the shorter, ends first; the f_L then takes back every thread."""
+    2-core AMD EPYC, 43 s on two), so the two at once take less time than one after the other (the demo's ~10
+    minutes of pre-training took 7-8.5). They share nothing: the f_V needs no f_L. With the default steps the f_V
+    ends first, and the f_L then takes back every thread."""
     threads = torch.get_num_threads()
     vision = torch.multiprocessing.get_context("spawn").Process(target=_pretrain_vision_alone,
                                                                 args=(args, threads // 2), daemon=True)
