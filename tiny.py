@@ -73,14 +73,15 @@ def document_segments(text: str) -> list:
 
 def in_slots(ids, shapes, slots: int, rng):
     """A scene's shape vectors spread over `slots` slots, as f_K's queries will bring a scene: the shapes in their
-    order, each in one slot, and blank slots (no words) between them at random places. ids: a chat's token ids
-    with the scene's run of SHAPE_IDs; shapes: the word ids of each. 0 slots or no shapes: left as they are."""
+    order, each in one slot, and blank slots between them at random places, each blank's "words" the one number
+    -2 - seed, the seed of its noise (shape_embeddings). ids: a chat's token ids with the scene's run of SHAPE_IDs;
+    shapes: the word ids of each. 0 slots or no shapes: left as they are."""
     if not slots or not shapes:
         return ids, shapes
     taken, rest = set(rng.sample(range(slots), len(shapes))), iter(shapes)
     first = ids.index(synthetic.SHAPE_ID)
     return (ids[:first] + [synthetic.SHAPE_ID] * slots + ids[first + len(shapes):],
-            [next(rest) if i in taken else [] for i in range(slots)])
+            [next(rest) if i in taken else [-2 - rng.randrange(2 ** 31)] for i in range(slots)])
 
 
 def shape_sample(tokenizer, segments, seq_len, slots=0, rng=None):
@@ -112,17 +113,24 @@ def load_text(path, stage, tokenizer, tokens_per_image, seq_len, caption_prompt=
 def shape_embeddings(model: Llama, ids: torch.Tensor, shapes) -> torch.Tensor:
     """Input vectors (B, T, hidden): each token's embedding, and at each synthetic.SHAPE_ID slot the sum of the
     embeddings of that shape's words (shapes: (N, W) word ids, -1 padded, one row per slot in row-major order), one
-    vector for one shape, as a visual token would bring it; a row of -1 alone is a blank slot (in_slots). The gradient
-    reaches the word embeddings through both."""
+    vector for one shape, as a visual token would bring it; a row that starts with -2 - seed is a blank slot
+    (in_slots). The gradient reaches the word embeddings through both."""
     embed = model.model.embed_tokens
     x = embed(ids.clamp(min=0))
     if shapes is None:
         return x
     vectors = (embed(shapes.clamp(min=0)) * (shapes >= 0)[..., None]).sum(1)  # (N, hidden)
-    blank = (shapes < 0).all(1)
-    if blank.any() and not blank.all():  # blank slots: noise as long as a shape vector, for the f_L to pass over
-        scale = vectors[~blank].detach().norm(dim=-1).mean() / vectors.shape[-1] ** 0.5
-        vectors = torch.where(blank[:, None], torch.randn_like(vectors) * scale, vectors)
+    blank = shapes[:, 0] < -1
+    if blank.any():  # noise as long as its sample's shape vectors on average, for the f_L to pass over; drawn from
+        # the blank's own seed, so that a sample's noise does not depend on its batch (DDP ranks = one process)
+        D = vectors.shape[-1]
+        rows = (ids == synthetic.SHAPE_ID).nonzero()[:, 0]  # the sample of each slot
+        norms = torch.zeros(len(ids), device=ids.device).index_add_(0, rows, vectors.detach().norm(dim=-1) * ~blank)
+        counts = torch.zeros(len(ids), device=ids.device).index_add_(0, rows, (~blank).float())
+        scale = (norms / counts.clamp(min=1))[rows] / D ** 0.5
+        noise = torch.stack([torch.randn(D, generator=torch.Generator().manual_seed(-2 - int(seed)))
+                             for seed in shapes[blank, 0]]).to(vectors)
+        vectors = vectors.masked_scatter(blank[:, None], noise * scale[blank, None])
     return x.masked_scatter((ids == synthetic.SHAPE_ID)[..., None], vectors.to(x.dtype))
 
 
