@@ -120,18 +120,19 @@ def shape_embeddings(model: Llama, ids: torch.Tensor, shapes) -> torch.Tensor:
     if shapes is None:
         return x
     vectors = (embed(shapes.clamp(min=0)) * (shapes >= 0)[..., None]).sum(1)  # (N, hidden)
+    at = ids == synthetic.SHAPE_ID
     blank = shapes[:, 0] < -1
     if blank.any():  # noise as long as its sample's shape vectors on average, for the f_L to pass over; drawn from
         # the blank's own seed, so that a sample's noise does not depend on its batch (DDP ranks = one process)
         D = vectors.shape[-1]
-        rows = (ids == synthetic.SHAPE_ID).nonzero()[:, 0]  # the sample of each slot
+        rows = at.nonzero()[:, 0]  # the sample of each slot
         norms = torch.zeros(len(ids), device=ids.device).index_add_(0, rows, vectors.detach().norm(dim=-1) * ~blank)
         counts = torch.zeros(len(ids), device=ids.device).index_add_(0, rows, (~blank).float())
         scale = (norms / counts.clamp(min=1))[rows] / D ** 0.5
         noise = torch.stack([torch.randn(D, generator=torch.Generator().manual_seed(-2 - int(seed)))
                              for seed in shapes[blank, 0]]).to(vectors)
         vectors = vectors.masked_scatter(blank[:, None], noise * scale[blank, None])
-    return x.masked_scatter((ids == synthetic.SHAPE_ID)[..., None], vectors.to(x.dtype))
+    return x.masked_scatter(at[..., None], vectors.to(x.dtype))
 
 
 def shape_tensor(rows: list, device) -> torch.Tensor:

@@ -134,7 +134,8 @@ def test_a_scene_spread_over_slots_keeps_its_shapes_in_order_and_its_blanks_are_
     assert 0.7 < x[blank].norm(dim=-1).mean() / x[full].norm(dim=-1).mean() < 1.3
     torch.testing.assert_close(x_again, x)  # the same noise beside another sample
     assert len({tuple(v.tolist()) for v in x[blank]}) == 14  # and another for each blank
-    assert (x[blank] @ y[[i for i, w in enumerate(other.shapes) if w[0] < 0]].T).abs().max() < 0.5 * x[blank].norm(dim=-1).max() ** 2
+    other_blank = y[[i for i, w in enumerate(other.shapes) if w[0] < 0]]
+    assert (x[blank] @ other_blank.T).abs().max() < 0.5 * x[blank].norm(dim=-1).max() ** 2
 
 
 def test_the_llm_drills_the_look_up_first_then_trains_on_the_whole_mix(synth, tok):
