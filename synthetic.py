@@ -258,6 +258,15 @@ def drill_chat(rng):
                                                rng.choice(ANSWERS["position"]).format(**s))])
 
 
+def list_chat(rng):
+    """Stage 0's list drill: a 2-4 shape scene as shape vectors and one request to describe it, answered with its
+    caption, each shape once, in reading order. Without it the tiny f_L, given a scene's exact vectors, described
+    70% of the held-out scenes right, most misses naming the first shape twice; with it 96.5% (docs/lab-notes.md)."""
+    scene = random_scene(rng, rng.randint(2, 4))
+    question, answer, _ = ask("describe", scene, rng)
+    return reading_chat(shape_marks(scene), [(question, answer)])
+
+
 def reading_chat(described, turns):
     """A chat about a scene (in words, or as shape marks), put where stage 2 puts the image; an empty last answer
     leaves the prompt for the model to answer."""
@@ -275,11 +284,11 @@ def render_owl_text(turns):
 
 
 def synth(out, seed=0, n_train=12000, n_owl=8000, n_llava=4000, n_alpaca=600, n_heldout=1000, vocab_size=512,
-          n_reading=20000, n_drill=20000):
+          n_reading=20000, n_drill=20000, n_lists=20000):
     """Write into `out`: images/ (s_* for training, h_* held out), scenes.jsonl (the facts of every image),
     stage1.jsonl (and stage1_single.jsonl: its single-shape lines again), stage2_owl.jsonl, stage2_llava.json,
-    stage2_alpaca.json, corpus.txt, reading.jsonl and drill.jsonl (stage 0's text; the scenes of these chats as shape
-    marks), heldout.jsonl (questions without <image> tags, their images listed apart), heldout_reading.jsonl (the
+    stage2_alpaca.json, corpus.txt, reading.jsonl, drill.jsonl and lists.jsonl (stage 0's text; the scenes of these
+    chats as shape marks), heldout.jsonl (questions without <image> tags, their images listed apart), heldout_reading.jsonl (the
     same questions about the scene as shape marks), val_* files for the validation loss (on held-out images) and
     tokenizer.model. Paths are relative to `out`."""
     os.makedirs(os.path.join(out, "images"), exist_ok=True)
@@ -309,6 +318,8 @@ def synth(out, seed=0, n_train=12000, n_owl=8000, n_llava=4000, n_alpaca=600, n_
         reading.append({"text": SYSTEM + "\n" + chat if crng.random() < 0.25 else chat})  # the system text is long
     drng = random.Random(f"drill/{seed}")
     drill = [{"text": drill_chat(drng)} for _ in range(n_drill)]
+    lrng = random.Random(f"lists/{seed}")
+    lists = [{"text": list_chat(lrng)} for _ in range(n_lists)]
 
     rng = random.Random(f"stage2/{seed}")
     owl, llava = [], []
@@ -356,7 +367,7 @@ def synth(out, seed=0, n_train=12000, n_owl=8000, n_llava=4000, n_alpaca=600, n_
                        ("stage2_owl.jsonl", owl),
                        ("heldout.jsonl", heldout), ("heldout_reading.jsonl", heldout_reading),
                        ("stage2_llava.json", llava), ("stage2_alpaca.json", alpaca),
-                       ("corpus.txt", corpus), ("reading.jsonl", reading), ("drill.jsonl", drill),
+                       ("corpus.txt", corpus), ("reading.jsonl", reading), ("drill.jsonl", drill), ("lists.jsonl", lists),
                        ("val_stage1.jsonl", val_captions), ("val_stage2_owl.jsonl", val_owl),
                        ("val_corpus.txt", [c["caption"] for c in val_captions])):
         with open(os.path.join(out, name), "w") as f:
@@ -450,13 +461,15 @@ def main(argv=None):
                    help="stage-0 chats about scenes given as shape vectors (reading.jsonl), no images")
     p.add_argument("--n-drill", type=int, default=20000,
                    help="stage-0 look-up drill chats (drill.jsonl): one position question about a 2-4 shape scene")
+    p.add_argument("--n-lists", type=int, default=20000,
+                   help="stage-0 list drill chats (lists.jsonl): a 2-4 shape scene described, every shape once")
     p.add_argument("--vocab-size", type=int, default=512, help="SentencePiece vocabulary size (an upper bound)")
     args = p.parse_args(argv)
     if args.n_train < 2:
         p.error("--n-train must be at least 2 (comparisons need two images)")
     start = time.time()
     synth(args.out, args.seed, args.n_train, args.n_owl, args.n_llava, args.n_alpaca, args.n_heldout,
-          args.vocab_size, args.n_reading, args.n_drill)
+          args.vocab_size, args.n_reading, args.n_drill, args.n_lists)
     print(f"wrote {args.out} in {time.time() - start:.1f} s")
 
 

@@ -156,11 +156,12 @@ def llm_loss(device):
 
 
 def llm_sources(d: Path, tokenizer, seq_len: int, slots: int) -> list:
-    """The f_L's sources, as data.load_samples gives them: corpus.txt, reading.jsonl (weight 3) and last the drill
-    (weight 2). The reading chats give a scene as f_K's queries will, spread over `slots` slots (in_slots); the
-    drill's scenes stay bare: finding a shape by its name formed less well among blanks (docs/lab-notes.md)."""
-    return (data.load_samples([d / "corpus.txt", f"{d / 'reading.jsonl'}:3"], 0, tokenizer, slots, seq_len,
-                              load=load_text)
+    """The f_L's sources, as data.load_samples gives them: corpus.txt, reading.jsonl (weight 3), the list drill
+    lists.jsonl (weight 2) and last the look-up drill (weight 2). The reading and list chats give a scene as f_K's
+    queries will, spread over `slots` slots (in_slots); the look-up drill's scenes stay bare: finding a shape by its
+    name formed less well among blanks (docs/lab-notes.md)."""
+    return (data.load_samples([d / "corpus.txt", f"{d / 'reading.jsonl'}:3", f"{d / 'lists.jsonl'}:2"], 0, tokenizer,
+                              slots, seq_len, load=load_text)
             + data.load_samples([f"{d / 'drill.jsonl'}:2"], 0, tokenizer, 0, seq_len, load=load_text))
 
 
@@ -173,8 +174,8 @@ def llm_order(sources, steps: int, batch_size: int, drill: int, seed: int) -> li
 
 def pretrain_llm(args, rank: int, world: int, device: str, before_each=None) -> Path:
     """The tiny f_L, from scratch: --drill-steps batches of the look-up drill alone (drill.jsonl; finding a shape
-    by its name forms there), then the mix of corpus.txt, reading.jsonl and drill.jsonl; written to OUT/llm as an
-    HF LLaMA folder, then asked the held-out questions with each scene given as shape vectors. before_each: called
+    by its name forms there), then the mix of corpus.txt, reading.jsonl, lists.jsonl and drill.jsonl; written to
+    OUT/llm as an HF LLaMA folder, then asked the held-out questions with each scene given as shape vectors. before_each: called
     before every micro-batch's loss (pretrain_side_by_side's check for the f_V's end)."""
     d, out = Path(args.data_dir), Path(args.out_dir) / "llm"
     cfg = train.TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=max(1, args.steps // 20),
@@ -548,7 +549,8 @@ def main(argv=None) -> None:
             train.fail(f"{args.checkpoint} is not a checkpoint folder (no config.json)")
         evaluate(Path(args.checkpoint), Path(args.heldout), args.eval_samples, device)
         return
-    for name in ("tokenizer.model", "corpus.txt", "reading.jsonl", "drill.jsonl", "scenes.jsonl", "stage1.jsonl"):
+    for name in ("tokenizer.model", "corpus.txt", "reading.jsonl", "lists.jsonl", "drill.jsonl", "scenes.jsonl",
+                 "stage1.jsonl"):
         if not (Path(args.data_dir) / name).is_file():
             train.fail(f"{Path(args.data_dir) / name} does not exist (write the data with `python synthetic.py "
                        f"--out {args.data_dir}`)")

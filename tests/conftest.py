@@ -163,7 +163,7 @@ def synth(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("synth")
     synthetic.synth(str(d), seed=3, n_train=120, n_owl=60, n_llava=30, n_alpaca=30, n_heldout=10, n_reading=60,
-                    n_drill=60)
+                    n_drill=60, n_lists=60)
     return Path(d)
 
 

@@ -18,7 +18,7 @@ import tiny  # noqa: E402
 from llama import Tokenizer  # noqa: E402
 
 SMALL = ["--n-train", "40", "--n-owl", "40", "--n-llava", "20", "--n-alpaca", "30", "--n-heldout", "25",
-         "--n-reading", "30", "--n-drill", "40"]
+         "--n-reading", "30", "--n-drill", "40", "--n-lists", "30"]
 
 
 def _synth(root, seed):
@@ -32,7 +32,8 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("synth")
     a, again = _synth(root, 0), _synth(root / "again", 0)
     more_train = str(root / "more_train")
-    synthetic.synth(more_train, seed=0, n_train=45, n_owl=5, n_llava=5, n_alpaca=5, n_heldout=25, n_reading=5, n_drill=5)
+    synthetic.synth(more_train, seed=0, n_train=45, n_owl=5, n_llava=5, n_alpaca=5, n_heldout=25, n_reading=5,
+                    n_drill=5, n_lists=5)
     return {"a": a, "again": again, "other": _synth(root, 1), "more_train": more_train}
 
 
@@ -66,7 +67,8 @@ def test_help_explains_every_flag(capsys):
         synthetic.main(["--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
-    for flag in ("--out", "--seed", "--n-train", "--n-owl", "--n-llava", "--n-alpaca", "--n-heldout", "--n-reading", "--n-drill"):
+    for flag in ("--out", "--seed", "--n-train", "--n-owl", "--n-llava", "--n-alpaca", "--n-heldout", "--n-reading", "--n-drill",
+                 "--n-lists"):
         assert flag in text
 
 
@@ -258,6 +260,22 @@ def test_drill_chats_ask_where_one_shape_of_several_is(runs):
         named = [s for s in shapes if {s[0], s[1]} <= asked]  # (colour, kind) pairs are unique in a scene
         assert len(named) == 1, doc
         assert synthetic.score_answer("position", answer, dict(zip(("color", "shape", "position"), named[0]))), doc
+
+
+def test_list_chats_describe_a_scene_of_several_shapes_naming_each_once_in_reading_order(runs):
+    """Stage 0's list drill: 2-4 shapes, one request for a description, answered with the count and every shape's
+    colour, kind and place, each once, in the order the marks give them (reading order)."""
+    docs = [r["text"] for r in _jsonl(os.path.join(runs["a"], "lists.jsonl"))]
+    assert len(docs) == 30
+    for doc in docs:
+        described, question, answer = re.fullmatch(r"(.*)\nHuman: (.*)\nAI: (.*)", doc).groups()
+        shapes, rest = _marked_shapes(described)
+        assert rest == "Human: " and 2 <= len(shapes) <= 4 and question in synthetic.QUESTIONS["describe"]
+        target = {"count": len(shapes), "shapes": [dict(zip(("color", "shape", "position"), s)) for s in shapes]}
+        assert synthetic.score_answer("describe", answer, target), doc
+        items = [f"a {c} {k} at the {p}" for c, k, p in shapes]
+        at = [answer.index(item) for item in items]
+        assert at == sorted(at) and all(answer.count(item) == 1 for item in items), doc
 
 
 def test_heldout_reading_asks_the_heldout_questions_about_the_scene_as_shape_marks(runs):

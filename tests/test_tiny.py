@@ -140,10 +140,12 @@ def test_a_scene_spread_over_slots_keeps_its_shapes_in_order_and_its_blanks_are_
 
 def test_the_llm_drills_the_look_up_first_then_trains_on_the_whole_mix(synth, tok):
     """--drill-steps N: the first N global batches are drill chats alone, the rest mix every source. The reading
-    chats' scenes are spread over the slots, the drill's are bare."""
+    and list chats' scenes are spread over the slots, the drill's are bare."""
     sources = tiny.llm_sources(synth, tok, 256, 16)
-    assert [w for _, w in sources] == [1.0, 3.0, 2.0]
-    assert all(s.ids.count(synthetic.SHAPE_ID) == len(s.shapes) == 16 for s in sources[1][0])
+    assert [w for _, w in sources] == [1.0, 3.0, 2.0, 2.0]
+    for chats in (sources[1][0], sources[2][0]):
+        assert all(s.ids.count(synthetic.SHAPE_ID) == len(s.shapes) == 16 for s in chats)
+    assert all(sum(w[0] >= 0 for w in s.shapes) >= 2 for s in sources[2][0])  # a list: several shapes
     assert not any(synthetic.SHAPE_ID in s.ids for s in sources[0][0])
     drill = {id(s) for s in sources[-1][0]}
     order = tiny.llm_order(sources, 6, 8, 4, 1337)
