@@ -288,9 +288,9 @@ def synth(out, seed=0, n_train=12000, n_owl=8000, n_llava=4000, n_alpaca=600, n_
     """Write into `out`: images/ (s_* for training, h_* held out), scenes.jsonl (the facts of every image),
     stage1.jsonl (and stage1_single.jsonl: its single-shape lines again), stage2_owl.jsonl, stage2_llava.json,
     stage2_alpaca.json, corpus.txt, reading.jsonl, drill.jsonl and lists.jsonl (stage 0's text; the scenes of these
-    chats as shape marks), heldout.jsonl (questions without <image> tags, their images listed apart), heldout_reading.jsonl (the
-    same questions about the scene as shape marks), val_* files for the validation loss (on held-out images) and
-    tokenizer.model. Paths are relative to `out`."""
+    chats as shape marks), heldout.jsonl (questions without <image> tags, their images listed apart),
+    heldout_reading.jsonl (the same questions about the scene as shape marks), val_* files for the validation loss (on
+    held-out images) and tokenizer.model. Paths are relative to `out`."""
     os.makedirs(os.path.join(out, "images"), exist_ok=True)
     rng = random.Random(f"train/{seed}")
     scenes, records, stage1, corpus = [], [], [], SYSTEM.replace(". ", ".\n").splitlines()
@@ -367,7 +367,8 @@ def synth(out, seed=0, n_train=12000, n_owl=8000, n_llava=4000, n_alpaca=600, n_
                        ("stage2_owl.jsonl", owl),
                        ("heldout.jsonl", heldout), ("heldout_reading.jsonl", heldout_reading),
                        ("stage2_llava.json", llava), ("stage2_alpaca.json", alpaca),
-                       ("corpus.txt", corpus), ("reading.jsonl", reading), ("drill.jsonl", drill), ("lists.jsonl", lists),
+                       ("corpus.txt", corpus), ("reading.jsonl", reading), ("drill.jsonl", drill),
+                       ("lists.jsonl", lists),
                        ("val_stage1.jsonl", val_captions), ("val_stage2_owl.jsonl", val_owl),
                        ("val_corpus.txt", [c["caption"] for c in val_captions])):
         with open(os.path.join(out, name), "w") as f:

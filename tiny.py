@@ -4,7 +4,8 @@ accuracy on the synthetic world. A wing on top of train.py: nothing in the recip
 The real recipe starts stage 1 from LLaMA-7B (--llm-init) and CLIP's ViT-L/14 (--vit-init). The tiny run has neither,
 so `pretrain` makes both, in the formats those flags read:
     OUT/llm  an HF LLaMA folder: the tiny f_L, trained on text and on chats about scenes given as one vector a shape
-             (a short look-up drill first), so that it can answer from its context, as LLaMA-7B can;
+             (a short look-up drill first, a list drill among them), so that it can answer from its context, as
+             LLaMA-7B can;
     OUT/vit  an HF CLIP vision folder: the tiny f_V, trained on labelled scenes, so that it sees shapes, as CLIP does.
 Then train.py's stages 1 and 2 run exactly as with the real weights, and `score` answers held-out questions (in
 batches).
@@ -49,8 +50,8 @@ def read_jsonl(path: Path) -> list:
 
 # ---------------------------------------------------------------------------------------------------------------
 # The f_L stand-in: text, and chats about scenes given as shape vectors (synthetic.SHAPE_MARK), one vector a shape,
-# as a visual token would bring it; in the reading chats a scene fills as many slots as f_K has queries, blank ones
-# among its shapes, so that the f_L learns to list the shapes it is given and pass over the rest.
+# as a visual token would bring it; in the reading and list chats a scene fills as many slots as f_K has queries,
+# blank ones among its shapes, so that the f_L learns to list the shapes it is given and pass over the rest.
 
 @dataclass
 class ShapeSample(data.Sample):

@@ -67,8 +67,8 @@ def test_help_explains_every_flag(capsys):
         synthetic.main(["--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
-    for flag in ("--out", "--seed", "--n-train", "--n-owl", "--n-llava", "--n-alpaca", "--n-heldout", "--n-reading", "--n-drill",
-                 "--n-lists"):
+    for flag in ("--out", "--seed", "--n-train", "--n-owl", "--n-llava", "--n-alpaca", "--n-heldout", "--n-reading",
+                 "--n-drill", "--n-lists"):
         assert flag in text
 
 
