@@ -72,11 +72,12 @@ def document_segments(text: str) -> list:
     return segments
 
 
-def in_slots(ids, shapes, slots: int, rng):
-    """A scene's shape vectors spread over `slots` slots, as f_K's queries will bring a scene: the shapes in their
-    order, each in one slot, and blank slots between them at random places, each blank's "words" the one number
-    -2 - seed, the seed of its noise (shape_embeddings). ids: a chat's token ids with the scene's run of SHAPE_IDs;
-    shapes: the word ids of each. 0 slots or no shapes: left as they are."""
+def in_slots(tokenizer, text: str, slots: int, rng):
+    """synthetic.tokenize_with_shapes (ids, the word ids of each shape), with the scene's shape vectors spread over
+    `slots` slots, as f_K's queries will bring a scene: the shapes in their order, each in one slot, and blank slots
+    between them at random places, each blank's "words" the one number -2 - seed, the seed of its noise
+    (shape_embeddings). 0 slots or no shapes: one slot a shape, as tokenize_with_shapes gives them."""
+    ids, shapes = synthetic.tokenize_with_shapes(tokenizer, text, 0)
     if not slots or not shapes:
         return ids, shapes
     taken, rest = set(rng.sample(range(slots), len(shapes))), iter(shapes)
@@ -91,7 +92,7 @@ def shape_sample(tokenizer, segments, seq_len, slots=0, rng=None):
     words = []
 
     def encode(text):
-        ids, shapes = in_slots(*synthetic.tokenize_with_shapes(tokenizer, text, 0), slots, rng)
+        ids, shapes = in_slots(tokenizer, text, slots, rng)
         words.extend(shapes)
         return ids
 
@@ -176,8 +177,8 @@ def llm_order(sources, steps: int, batch_size: int, drill: int, seed: int) -> li
 def pretrain_llm(args, rank: int, world: int, device: str, before_each=None) -> Path:
     """The tiny f_L, from scratch: --drill-steps batches of the look-up drill alone (drill.jsonl; finding a shape
     by its name forms there), then the mix of corpus.txt, reading.jsonl, lists.jsonl and drill.jsonl; written to
-    OUT/llm as an HF LLaMA folder, then asked the held-out questions with each scene given as shape vectors. before_each: called
-    before every micro-batch's loss (pretrain_side_by_side's check for the f_V's end)."""
+    OUT/llm as an HF LLaMA folder, then asked the held-out questions with each scene given as shape vectors.
+    before_each: called before every micro-batch's loss (pretrain_side_by_side's check for the f_V's end)."""
     d, out = Path(args.data_dir), Path(args.out_dir) / "llm"
     cfg = train.TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=max(1, args.steps // 20),
                             seq_len=args.seq_len, seed=args.seed, resume=args.resume, micro_batch=args.micro_batch,
@@ -480,7 +481,7 @@ def evaluate_reading(model: Llama, tokenizer: Tokenizer, out: Path, heldout: Pat
     results, rng = [], random.Random(0)
     for r in tqdm(heldout_rows(heldout, limit // 2), desc="held-out reading", dynamic_ncols=True):
         chat = synthetic.reading_chat(r["scene"], [(r["question"], "")])
-        ids, shapes = in_slots(*synthetic.tokenize_with_shapes(tokenizer, chat, 0), slots, rng)
+        ids, shapes = in_slots(tokenizer, chat, slots, rng)
         ids = torch.tensor([[tokenizer.bos_id] + ids], device=device)
         x = shape_embeddings(model, ids, shape_tensor(shapes, device))
         answer = tokenizer.decode(list(model.generate(inputs_embeds=x, max_new_tokens=48, eos_id=tokenizer.eos_id)))
