@@ -516,8 +516,8 @@ def parse_args(argv=None):
     pre.add_argument("--lr", type=float, default=1e-3, help="f_L peak learning rate; at 3e-3 it did not learn to "
                      "copy a described list (default: %(default)s)")
     pre.add_argument("--seq-len", type=int, default=256, help="f_L tokens per sample (default: %(default)s)")
-    pre.add_argument("--vision-steps", type=int, default=1000, help="f_V steps on labelled scenes (default: "
-                     "%(default)s)")
+    pre.add_argument("--vision-steps", type=int, default=1600, help="f_V steps on labelled scenes; at 1000 it "
+                     "named 90-97%% of held-out shapes, depending on the seed (default: %(default)s)")
     pre.add_argument("--vision-lr", type=float, default=2e-3, help="f_V peak learning rate (default: %(default)s)")
     pre.add_argument("--eval-samples", type=int, default=400, help="held-out questions for the f_L's reading check "
                      "(half of them are asked; default: %(default)s)")
